@@ -1,0 +1,1 @@
+"""The IMF model, its building blocks, and the encode/decode pipeline."""

@@ -1,0 +1,56 @@
+"""IMF_A, implicit motion alignment (IMF, CVPR 2024; reference banks as in Implicit Warping,
+Mallya et al., NeurIPS 2022).
+
+Per scale: cross-attention with Q = m_c, K = m_r, V = f_r, then transformer blocks. At the finest
+scale (stride 4) the values also carry the reference pixels, pixel-unshuffled 4x4, so the model can
+output a warped reference frame that the frame decoder only has to correct.
+
+Why the finest scale attends in a local window: at 256x256 it has 4096 positions, and dense
+all-pairs attention there (4096^2 logits per head, for cross- and self-attention) alone would cost
+more than the whole ~5 GFLOPs per-frame budget. The coarser scales attend densely (1024 positions at
+most), so large motions are matched globally at coarse scales and refined locally at the finest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codec.config import STRIDES, IMFConfig
+from codec.layers.attention import CrossAttention, KeyValue, TransformerBlock
+
+PIXEL_DIM = 3 * STRIDES[0] ** 2  # RGB pixel-unshuffled to the finest scale
+
+
+class ImplicitMotionAlignment(nn.Module):
+    def __init__(self, cfg: IMFConfig):
+        super().__init__()
+        windows = [cfg.window] + [None] * (len(cfg.channels) - 1)
+        self.cross = nn.ModuleList(
+            CrossAttention(c, cfg.head_dim, win, cfg.locality, cfg.extra_tokens, PIXEL_DIM if s == 0 else 0)
+            for s, (c, win) in enumerate(zip(cfg.channels, windows))
+        )
+        self.fuse = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for c in cfg.channels)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(TransformerBlock(c, cfg.head_dim, win, cfg.ff_mult) for _ in range(cfg.transformer_depth)))
+            for c, win in zip(cfg.channels, windows)
+        )
+
+    def prepare(self, x_ref: Tensor, f_r: list[Tensor], m_r: list[Tensor]) -> list[KeyValue]:
+        """Keys and values of one reference, per scale. x_ref (B, 3, H, W) is the decoded keyframe."""
+        pixels = F.pixel_unshuffle(x_ref, STRIDES[0])  # (B, 48, H/4, W/4)
+        return [cross.prepare(m, f, pixels if s == 0 else None)
+                for s, (cross, m, f) in enumerate(zip(self.cross, m_r, f_r))]
+
+    def forward(self, m_c: list[Tensor], kv: list[KeyValue]) -> tuple[list[Tensor], Tensor]:
+        """m_c fine to coarse, kv per scale (one reference or a bank) ->
+        aligned features fine to coarse, warped reference frame (B, 3, H, W)."""
+        aligned = []
+        warped = None
+        for s, (cross, fuse, blocks) in enumerate(zip(self.cross, self.fuse, self.blocks)):
+            a, pixels = cross(m_c[s], kv[s])
+            if pixels is not None:
+                warped = F.pixel_shuffle(pixels, STRIDES[0])
+            aligned.append(blocks(fuse(torch.cat([a, m_c[s]], 1))))
+        return aligned, warped

@@ -1,0 +1,64 @@
+"""Model configuration: one frozen dataclass and the named presets.
+
+Scales follow the IMF paper: four feature scales at strides 4, 8, 16, 32 of the
+frame (64, 32, 16, 8 pixels for a 256x256 frame). Index 0 is the finest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+STRIDES = (4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class IMFConfig:
+    name: str
+    resolution: int = 256  # square frames; the model is convolutional but the learned constant is sized for this
+    channels: tuple[int, int, int, int] = (32, 64, 96, 128)  # dense/motion features per scale, fine -> coarse
+    token_channels: tuple[int, int, int, int] = (16, 32, 48, 64)  # E_T trunk, fine -> coarse
+    token_dim: int = 32  # d_m, the per-frame latent token
+    style_dim: int = 128  # w, the mapped token that modulates IMF_D
+    head_dim: int = 16
+    window: int = 7  # local attention window (in feature pixels) at the finest scale
+    locality: float = 1.0  # initial locality bias strength: logits -= locality * squared distance (feature pixels)
+    extra_tokens: int = 4  # learned key/value tokens a query without a good match can attend to
+    transformer_depth: int = 1
+    ff_mult: int = 2
+    decoder_channels: int = 16  # frame decoder width at 1/2 resolution
+    keyframe_channels: tuple[int, int] = (64, 96)  # (N, M) of the keyframe transform codec
+    max_references: int = 2  # reference bank size
+
+    def __post_init__(self) -> None:
+        if self.resolution % STRIDES[-1]:
+            raise ValueError(f"resolution must be a multiple of {STRIDES[-1]}, got {self.resolution}")
+        for c in self.channels:
+            if c % self.head_dim:
+                raise ValueError(f"channels {self.channels} must be multiples of head_dim {self.head_dim}")
+
+
+PRESETS: dict[str, IMFConfig] = {
+    # tests: forward+backward in well under a second
+    "tiny": IMFConfig(
+        name="tiny",
+        resolution=64,
+        channels=(16, 16, 32, 32),
+        token_channels=(8, 8, 16, 16),
+        token_dim=8,
+        style_dim=32,
+        head_dim=8,
+        window=3,
+        extra_tokens=2,
+        ff_mult=1,
+        decoder_channels=8,
+        keyframe_channels=(16, 24),
+    ),
+    # the shipped model: 256x256, trained on CPUs
+    "default": IMFConfig(name="default"),
+}
+
+
+def get_config(name: str, **overrides) -> IMFConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

@@ -1,0 +1,1 @@
+"""Reusable building blocks: residual blocks, modulated convolutions, attention."""

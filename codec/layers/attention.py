@@ -1,0 +1,254 @@
+"""Attention over feature maps, global (all pairs) or in a local window, with a locality bias.
+
+Axis letters used throughout: b batch, h heads, n query positions (y x), s key positions,
+d channels per head of queries and keys, e channels per head of values.
+
+The locality bias subtracts ``exp(log_locality[h]) * squared distance`` (in feature pixels) from the
+logits. Initialised strong, it makes a fresh model's attention a near-identity warp of the reference,
+which on CPU trains about 2.5x faster than plain attention (measured with a probe, see the issue
+"The IMF model and the package it lives in"); training can then relax it per head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+
+def sinusoidal_positions(height: int, width: int, num_freqs: int, device: torch.device) -> Tensor:
+    """Fixed 2D sinusoidal embedding of normalised coordinates in [-1, 1] -> (y*x, 4*num_freqs)."""
+    ys = torch.linspace(-1, 1, height, device=device)
+    xs = torch.linspace(-1, 1, width, device=device)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2, 1)  # (n, 2, 1)
+    angles = grid * (2.0 ** torch.arange(num_freqs, device=device) * math.pi)  # (n, 2, f)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(1)
+
+
+def _grid(height: int, width: int, device: torch.device) -> Tensor:
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=device, dtype=torch.float32),
+        torch.arange(width, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([ys, xs], -1).reshape(-1, 2)  # (n, 2)
+
+
+@dataclass
+class DenseKV:
+    """Keys and values for all-pairs attention: k (b, h, s, d), v (b, h, s, e); dist2 (n, s) is the
+    squared query-key distance; ``log_prior`` is added to every reference logit (-log R for a bank
+    of R references, so a bank of identical references behaves exactly like one)."""
+
+    k: Tensor
+    v: Tensor
+    dist2: Tensor
+    log_prior: float = 0.0
+
+    @staticmethod
+    def from_tokens(k: Tensor, v: Tensor, size: tuple[int, int]) -> "DenseKV":
+        grid = _grid(*size, k.device)
+        return DenseKV(k, v, torch.cdist(grid, grid).square())
+
+    @staticmethod
+    def bank(items: list["DenseKV"]) -> "DenseKV":
+        if len(items) == 1:
+            return items[0]
+        return DenseKV(
+            torch.cat([i.k for i in items], 2),
+            torch.cat([i.v for i in items], 2),
+            torch.cat([i.dist2 for i in items], 1),
+            -math.log(len(items)),
+        )
+
+
+@dataclass
+class WindowKV:
+    """Keys and values for windowed attention, kept as zero-padded maps (no unfolded copies):
+    per reference k (b, h, d, y+2p, x+2p), v (b, h, e, y+2p, x+2p) and optional values ``shared``
+    by all heads (b, c, y+2p, x+2p), which are weighted by the head-averaged attention."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    shared: list[Tensor] | None
+    window: int
+
+    @staticmethod
+    def from_maps(k: Tensor, v: Tensor, shared: Tensor | None, window: int) -> "WindowKV":
+        pad = (window // 2,) * 4
+        return WindowKV([F.pad(k, pad)], [F.pad(v, pad)], None if shared is None else [F.pad(shared, pad)], window)
+
+    @staticmethod
+    def bank(items: list["WindowKV"]) -> "WindowKV":
+        if len(items) == 1:
+            return items[0]
+        shared = None if items[0].shared is None else [t for i in items for t in i.shared]
+        return WindowKV([t for i in items for t in i.k], [t for i in items for t in i.v], shared, items[0].window)
+
+    def dist2(self, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Squared offset of each window position (y, x, s), and an additive mask (y, x, s) that is
+        -inf where the window runs off the map (kept apart so no gradient meets an inf)."""
+        w, pad = self.window, self.window // 2
+        offsets = _grid(w, w, self.k[0].device) - pad  # (s, 2)
+        pos = _grid(*size, self.k[0].device)[:, None] + offsets  # (n, s, 2)
+        inside = ((pos >= 0) & (pos < torch.tensor(size, device=pos.device))).all(-1)
+        d2 = offsets.square().sum(-1).expand(inside.shape)
+        mask = torch.zeros(inside.shape, device=pos.device).masked_fill(~inside, -torch.inf)
+        return d2.reshape(*size, -1), mask.reshape(*size, -1)
+
+
+KeyValue = DenseKV | WindowKV
+
+
+def bank(items: list[KeyValue]) -> KeyValue:
+    """Keys and values of several references at one scale, attended to as one set."""
+    return type(items[0]).bank(items)
+
+
+class ExtraTokens(nn.Module):
+    """Learned keys and values every query can attend to, so a query with no good match has
+    somewhere to go. Their logits start well below a matching key's."""
+
+    def __init__(self, heads: int, count: int, head_dim: int, value_dim: int):
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(heads, count, head_dim))
+        self.v = nn.Parameter(torch.zeros(heads, count, value_dim))
+        self.logit = nn.Parameter(torch.full((heads, count), -3.0))
+
+
+def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> Tensor:
+    """q (b, h, n, d) -> (b, h, n, e), by scaled_dot_product_attention with the locality bias."""
+    b, h, n, _ = q.shape
+    bias = kv.log_prior - log_locality.exp()[:, None, None] * kv.dist2  # (h, n, s)
+    bias = torch.cat([bias, extra.logit[:, None, :].expand(h, n, -1)], -1)
+    k = torch.cat([kv.k, extra.k.expand(b, -1, -1, -1)], 2)
+    v = torch.cat([kv.v, extra.v.expand(b, -1, -1, -1)], 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+
+
+def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None
+                  ) -> tuple[Tensor, Tensor | None]:
+    """q (b, h, d, y, x) -> (b, h, e, y, x) and shared values (b, c, y, x) or None.
+
+    Written as a loop over window offsets on shifted views of the padded maps: unlike unfolding
+    (im2col), it never materialises window-sized copies of keys and values, which made it 5x
+    faster to train on CPU.
+    """
+    y, x = q.shape[-2:]
+    w = kv.window
+    offsets = [(i, j) for i in range(w) for j in range(w)]
+    scale = q.shape[2] ** -0.5
+    logits = torch.stack([(q * k[..., i:i + y, j:j + x]).sum(2) for k in kv.k for i, j in offsets], -1)
+    d2, mask = kv.dist2((y, x))
+    bias = (mask - log_locality.exp()[:, None, None, None] * d2).repeat(1, 1, 1, len(kv.k))  # (h, y, x, R*s)
+    if len(kv.k) > 1:
+        bias = bias - math.log(len(kv.k))
+    logits = logits * scale + bias  # (b, h, y, x, R*s)
+    if extra is not None:
+        extra_logits = torch.einsum("bhdyx,hed->bhyxe", q, extra.k) * scale + extra.logit[:, None, None]
+        logits = torch.cat([logits, extra_logits], -1)
+    weights = logits.softmax(-1)
+    shifted = [(r, i, j) for r in range(len(kv.k)) for i, j in offsets]
+    out = sum(weights[..., a].unsqueeze(2) * kv.v[r][..., i:i + y, j:j + x] for a, (r, i, j) in enumerate(shifted))
+    e = out.shape[2]
+    w_extra = weights[..., len(shifted):]
+    if extra is not None:
+        out = out + torch.einsum("bhyxe,hef->bhfyx", w_extra, extra.v[..., :e])
+    if kv.shared is None:
+        return out, None
+    mean_w = weights.mean(1)  # (b, y, x, R*s + E): shared values see the head-averaged attention
+    shared = sum(mean_w[..., a].unsqueeze(1) * kv.shared[r][..., i:i + y, j:j + x] for a, (r, i, j) in enumerate(shifted))
+    if extra is not None:
+        shared = shared + torch.einsum("bhyxe,hec->bcyx", w_extra, extra.v[..., e:]) / q.shape[1]
+    return out, shared
+
+
+class CrossAttention(nn.Module):
+    """Implicit motion alignment at one scale: Q = m_c, K = m_r, V = f_r (and reference pixels).
+
+    Values are the reference's dense features split across heads, unprojected, so the output is a
+    learned warp of f_r. Optional ``pixel_dim`` channels (the reference frame, pixel-unshuffled to
+    this scale) are shared by every head: a direct path for fine detail. With ``window`` set,
+    each query attends to a window x window neighbourhood of every reference; otherwise to all
+    positions.
+    """
+
+    def __init__(self, dim: int, head_dim: int, window: int | None, locality: float, extra_tokens: int,
+                 pixel_dim: int = 0, num_freqs: int = 8):
+        super().__init__()
+        if pixel_dim and window is None:
+            raise ValueError("shared pixel values are only supported with windowed attention")
+        self.heads = dim // head_dim
+        self.window = window
+        self.num_freqs = num_freqs
+        self.pixel_dim = pixel_dim
+        self.norm = nn.LayerNorm(dim)
+        self.pos = nn.Linear(4 * num_freqs, dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.log_locality = nn.Parameter(torch.full((self.heads,), math.log(locality)))
+        self.extra = ExtraTokens(self.heads, extra_tokens, head_dim, dim // self.heads + pixel_dim)
+
+    def _embed(self, m: Tensor, proj: nn.Linear) -> Tensor:
+        """(b, c, y, x) -> (b, h, n, d): normalised, position-embedded, projected."""
+        y, x = m.shape[-2:]
+        tokens = self.norm(rearrange(m, "b c y x -> b (y x) c"))
+        tokens = tokens + self.pos(sinusoidal_positions(y, x, self.num_freqs, m.device))
+        return rearrange(proj(tokens), "b n (h d) -> b h n d", h=self.heads)
+
+    def prepare(self, m_r: Tensor, f_r: Tensor, pixels: Tensor | None = None) -> DenseKV | WindowKV:
+        """Reference side, computed once per keyframe. m_r, f_r (b, c, y, x); pixels (b, p, y, x)."""
+        size = m_r.shape[-2:]
+        k = self._embed(m_r, self.to_k)
+        if self.window is None:
+            return DenseKV.from_tokens(k, rearrange(f_r, "b (h e) y x -> b h (y x) e", h=self.heads), size)
+        k = rearrange(k, "b h (y x) d -> b h d y x", y=size[0])
+        v = rearrange(f_r, "b (h e) y x -> b h e y x", h=self.heads)
+        return WindowKV.from_maps(k, v, pixels if self.pixel_dim else None, self.window)
+
+    def forward(self, m_c: Tensor, kv: DenseKV | WindowKV) -> tuple[Tensor, Tensor | None]:
+        """m_c (b, c, y, x) -> aligned features (b, c, y, x), aligned pixels (b, p, y, x) or None."""
+        y = m_c.shape[-2]
+        q = self._embed(m_c, self.to_q)
+        if isinstance(kv, DenseKV):
+            out = attend_dense(q, kv, self.log_locality, self.extra)
+            return rearrange(out, "b h (y x) e -> b (h e) y x", y=y), None
+        q = rearrange(q, "b h (y x) d -> b h d y x", y=y)
+        out, pixels = attend_window(q, kv, self.log_locality, self.extra)
+        return rearrange(out, "b h e y x -> b (h e) y x"), pixels
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm multi-head self-attention (global, or windowed with ``window``) + GELU feed-forward."""
+
+    def __init__(self, dim: int, head_dim: int, window: int | None, ff_mult: int):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.window = window
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, dim * ff_mult, act_layer=nn.GELU)
+        # windowed self-attention: no locality prior (exp(-30) ~ 0) and no extra tokens
+        self.register_buffer("no_locality", torch.full((self.heads,), -30.0), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (b, c, y, x) -> (b, c, y, x)."""
+        y = x.shape[-2]
+        tokens = rearrange(x, "b c y x -> b (y x) c")
+        q, k, v = rearrange(self.qkv(self.norm1(tokens)), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+        if self.window is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            maps = [rearrange(t, "b h (y x) d -> b h d y x", y=y) for t in (q, k, v)]
+            out, _ = attend_window(maps[0], WindowKV.from_maps(maps[1], maps[2], None, self.window), self.no_locality, None)
+            out = rearrange(out, "b h d y x -> b h (y x) d")
+        tokens = tokens + self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return rearrange(tokens, "b (y x) c -> b c y x", y=y)

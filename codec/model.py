@@ -1,0 +1,135 @@
+"""IMFCodec: the Implicit Motion Function model (Gao et al., CVPR 2024) as a video codec.
+
+    keyframe x_r --KeyframeCodec--> x_r_hat --E_F--> f_r ----------------------------+ V
+                 --E_T--> t_r --Q--> t_r_hat --IMF_D--> m_r -------------------------+ K
+    frame x_c    --E_T--> t_c --Q(t_c - t_prev_hat)--> t_c_hat --IMF_D--> m_c -------+ Q
+                                                                                     v
+                              IMF_A (cross-attention + transformer blocks, per scale)
+                                      | aligned features, warped x_r_hat
+                                      v
+                                     D_F --> x_c_hat
+
+Tokens are coded as integer-lattice deltas from the previous decoded token (the token of the
+keyframe starts each chain, coded on its own), with a learned quantization step per dimension.
+Everything that depends only on the reference (f_r, m_r, keys and values) lives in a
+``Reference`` made once per keyframe; ``synthesize`` takes a bank of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from compressai.entropy_models import EntropyBottleneck
+from compressai.models import CompressionModel
+from torch import Tensor, nn
+
+from codec.alignment import ImplicitMotionAlignment
+from codec.config import IMFConfig
+from codec.feature_encoder import FeatureEncoder
+from codec.frame_decoder import FrameDecoder
+from codec.keyframe_codec import KeyframeCodec
+from codec.layers.attention import KeyValue, bank as kv_bank
+from codec.token_decoder import TokenDecoder
+from codec.token_encoder import TokenEncoder
+from entropy.coding import decode_symbols, encode_symbols, quantize_noise
+
+
+@dataclass
+class RDOutput:
+    """What a training step needs: reconstructions and the likelihoods that give the rate."""
+
+    x_hat: Tensor  # (B, 3, H, W) current frame
+    x_ref_hat: Tensor  # (B, 3, H, W) decoded keyframe
+    token_likelihoods: Tensor  # (B, d) current token, coded as a delta from the previous one
+    ref_token_likelihoods: Tensor  # (B, d) keyframe token, coded on its own
+    keyframe_likelihoods: Tensor  # (B, M, H/16, W/16)
+
+
+@dataclass
+class Reference:
+    """Everything the decoder keeps of one keyframe."""
+
+    x_hat: Tensor  # (B, 3, H, W) the decoded keyframe
+    t_hat: Tensor  # (B, d) its token
+    kv: list[KeyValue]  # per scale, fine to coarse
+
+
+class IMFCodec(CompressionModel):
+    def __init__(self, cfg: IMFConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_encoder = FeatureEncoder(cfg)  # E_F
+        self.token_encoder = TokenEncoder(cfg)  # E_T
+        self.token_decoder = TokenDecoder(cfg)  # IMF_D
+        self.alignment = ImplicitMotionAlignment(cfg)  # IMF_A
+        self.frame_decoder = FrameDecoder(cfg)  # D_F
+        self.keyframe_codec = KeyframeCodec(*cfg.keyframe_channels)
+        self.token_log_step = nn.Parameter(torch.zeros(cfg.token_dim))
+        self.token_prior = EntropyBottleneck(cfg.token_dim)  # keyframe tokens
+        self.token_delta_prior = EntropyBottleneck(cfg.token_dim)  # frame-to-frame token deltas
+
+    # -- building blocks ----------------------------------------------------------------------
+    def token_symbols(self, x: Tensor) -> Tensor:
+        """x (B, 3, H, W) -> t / step (B, d): the token on the unit quantization lattice."""
+        return self.token_encoder(x) / self.token_log_step.exp()
+
+    def reference(self, x_ref_hat: Tensor, u_ref_hat: Tensor) -> Reference:
+        """Decoded keyframe and its quantized token symbols -> cached Reference."""
+        t_hat = u_ref_hat * self.token_log_step.exp()
+        f_r = self.feature_encoder(x_ref_hat)
+        m_r = self.token_decoder(t_hat, x_ref_hat.shape[-2:])
+        return Reference(x_ref_hat, t_hat, self.alignment.prepare(x_ref_hat, f_r, m_r))
+
+    def synthesize(self, u_hat: Tensor, bank: Sequence[Reference]) -> Tensor:
+        """Quantized token symbols (B, d) and a bank of references -> x_hat (B, 3, H, W)."""
+        t_hat = u_hat * self.token_log_step.exp()
+        m_c = self.token_decoder(t_hat, bank[0].x_hat.shape[-2:])
+        kv = [kv_bank([r.kv[s] for r in bank]) for s in range(len(m_c))]
+        aligned, warped = self.alignment(m_c, kv)
+        return self.frame_decoder(aligned, warped)
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, x_ref: Tensor, x_prev: Tensor, x_cur: Tensor) -> RDOutput:
+        """Frames (B, 3, H, W) in [0, 1]: a keyframe, the frame before the current one, the current one.
+
+        Quantization is replaced by additive uniform noise (the EntropyBottleneck's training mode).
+        """
+        key = self.keyframe_codec(x_ref)
+        u_ref, u_prev, u_cur = self.token_symbols(torch.cat([x_ref, x_prev, x_cur])).chunk(3)
+        u_ref_hat, ref_token_likelihoods = self.token_prior(u_ref[..., None])
+        u_prev_hat = quantize_noise(u_prev) if self.training else u_prev.round()
+        delta_hat, token_likelihoods = self.token_delta_prior((u_cur - u_prev_hat)[..., None])
+        u_cur_hat = u_prev_hat + delta_hat[..., 0]
+        ref = self.reference(key.x_hat, u_ref_hat[..., 0])
+        return RDOutput(
+            x_hat=self.synthesize(u_cur_hat, [ref]),
+            x_ref_hat=key.x_hat,
+            token_likelihoods=token_likelihoods[..., 0],
+            ref_token_likelihoods=ref_token_likelihoods[..., 0],
+            keyframe_likelihoods=key.likelihoods,
+        )
+
+    # -- coding ---------------------------------------------------------------------------------
+    def build_entropy_tables(self) -> None:
+        """Build the integer CDF tables the rANS coder uses. Call once after training; they are saved
+        with the weights, and a loaded model uses them as they are."""
+        self.update(force=True)
+
+    def compress_token(self, u: Tensor, u_prev_hat: Tensor | None) -> tuple[bytes, Tensor]:
+        """Token symbols (1, d) -> (bytes, u_hat). Without u_prev_hat the token is coded on its own."""
+        if u_prev_hat is None:
+            data = encode_symbols(self.token_prior, u[..., None])
+        else:
+            data = encode_symbols(self.token_delta_prior, (u - u_prev_hat)[..., None])
+        return data, self.decompress_token(data, u_prev_hat)
+
+    def decompress_token(self, data: bytes, u_prev_hat: Tensor | None) -> Tensor:
+        if u_prev_hat is None:
+            return decode_symbols(self.token_prior, data, (1,))[..., 0]
+        return u_prev_hat + decode_symbols(self.token_delta_prior, data, (1,))[..., 0]
+
+
+def build_model(cfg: IMFConfig) -> IMFCodec:
+    return IMFCodec(cfg)

@@ -1,0 +1,69 @@
+"""Model weights as safetensors (no pickle): save, load, and the shipped default model.
+
+A weights file holds the state dict (floating tensors in fp16, the entropy coder's integer CDF
+tables as they are) and, as metadata, the preset name and the full config. ``model_id`` is a hash
+of the tensors; bitstreams record it so decoding with another model fails clearly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from codec.config import IMFConfig
+from codec.model import IMFCodec, build_model
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+
+
+class WeightsError(Exception):
+    pass
+
+
+def model_id(model: IMFCodec) -> bytes:
+    """8-byte hash of every tensor of the state dict, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.digest()[:8]
+
+
+def save_weights(model: IMFCodec, path: Path) -> None:
+    """fp16 export. The model is rounded to fp16 first and its CDF tables rebuilt from the rounded
+    parameters, so the saved tables match the saved weights exactly."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    model.build_entropy_tables()
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"preset": model.cfg.name, "config": json.dumps(asdict(model.cfg))})
+    tmp.replace(path)
+
+
+def load_weights(path: Path | None = None) -> IMFCodec:
+    """Load a weights file (default: the shipped model) into a fresh fp32 model in eval mode."""
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    if not path.exists():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        cfg_dict = json.loads(meta["config"])
+        cfg = IMFConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+        state = load_file(str(path))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: not an imfc weights file ({e.__class__.__name__}: {e})") from None
+    model = build_model(cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Quantization, entropy coding and the .imfc bitstream container. Knows nothing of the model."""

@@ -1,0 +1,56 @@
+"""The one wrapper around CompressAI's rANS coder, through its EntropyBottleneck.
+
+An EntropyBottleneck codes with integer CDF tables (``_quantized_cdf``, ``_offset``,
+``_cdf_length``) built by ``update()``. They are saved with the weights, so the encoder and every
+decoder use the very same integers, whatever float rounding their machine does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from compressai.entropy_models import EntropyBottleneck
+from torch import Tensor
+
+
+class CoderNotReady(RuntimeError):
+    pass
+
+
+def bits(likelihoods: Tensor) -> Tensor:
+    """Information content in bits, summed over all but the batch axis -> (B,)."""
+    return -torch.log2(likelihoods).flatten(1).sum(1)
+
+
+def require_tables(bottleneck: EntropyBottleneck) -> None:
+    if bottleneck._offset.numel() == 0:
+        raise CoderNotReady(
+            "entropy coder tables are not built: call model.build_entropy_tables() after training "
+            "(exported weights include them)")
+
+
+def encode_symbols(bottleneck: EntropyBottleneck, x: Tensor) -> bytes:
+    """x (1, C, *spatial) -> rANS bytes of round(x - median) under the bottleneck's fixed CDFs."""
+    require_tables(bottleneck)
+    return bottleneck.compress(x)[0]
+
+
+def decode_symbols(bottleneck: EntropyBottleneck, data: bytes, spatial: tuple[int, ...]) -> Tensor:
+    """Inverse of encode_symbols -> (1, C, *spatial), the dequantized values."""
+    require_tables(bottleneck)
+    return bottleneck.decompress([data], spatial)
+
+
+def quantize_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return x + (x.round() - x).detach()
+
+
+def quantize_noise(x: Tensor) -> Tensor:
+    """Training proxy for rounding: additive uniform noise in [-0.5, 0.5)."""
+    return x + torch.empty_like(x).uniform_(-0.5, 0.5)
+
+
+def bits_to_kbps(total_bits: float, frames: int, fps: float) -> float:
+    return total_bits / 1000 / max(frames / fps, math.ulp(1.0))

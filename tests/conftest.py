@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def shared_clip() -> Path:
+    """A short real talking-head clip from ../shared/data/videos (skipped where the corpus is absent)."""
+    path = SHARED_VIDEOS / "edtalk_mouth_source.mp4"
+    if not path.exists():
+        pytest.skip(f"shared video corpus not found at {SHARED_VIDEOS}")
+    return path
+
+
+def moving_square_clip(frames: int, size: int, seed: int = 0) -> np.ndarray:
+    """(T, S, S, 3) uint8: a textured square drifting over a gradient background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    background = np.stack([xx, yy, (xx + yy) // 2], -1) * (200 / size)
+    patch = rng.integers(40, 255, size=(size // 3, size // 3, 3))
+    out = []
+    for t in range(frames):
+        img = background.copy()
+        oy, ox = size // 4 + t % 5, size // 4 + (2 * t) % 7
+        img[oy:oy + size // 3, ox:ox + size // 3] = patch
+        out.append(img)
+    return np.array(out).clip(0, 255).astype(np.uint8)

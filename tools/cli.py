@@ -1,0 +1,30 @@
+"""The `imfc` command: one subcommand per tool module, each exposing main(argv)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "prepare-data": ("tools.prepare_data", "crop clips around the face and cache them for training"),
+    "train": ("tools.train", "train a model"),
+    "stats": ("tools.stats", "parameters, weight size and decode FLOPs of the model presets"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        width = max(map(len, SUBCOMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+        print("usage: imfc COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr if argv else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"imfc: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""imfc stats: parameter count, fp16 weight size and per-frame decode FLOPs of each preset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from codec.config import PRESETS, get_config
+from codec.model import build_model
+from codec.stats import model_stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imfc stats", description=__doc__)
+    parser.add_argument("presets", nargs="*", default=sorted(PRESETS), choices=sorted(PRESETS), metavar="PRESET")
+    args = parser.parse_args(argv)
+    print(f"{'preset':<8} {'resolution':>10} {'params':>10} {'fp16 MB':>8} {'GFLOPs/frame':>13} {'GFLOPs/keyframe':>16}")
+    for name in args.presets:
+        s = model_stats(build_model(get_config(name)))
+        print(f"{s.preset:<8} {s.resolution:>10} {s.parameters:>10,} {s.fp16_megabytes:>8.2f} "
+              f"{s.decode_gflops:>13.3f} {s.keyframe_gflops:>16.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Training configuration: a frozen dataclass, named presets, and command-line overrides."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "default"  # model preset (codec/config.py)
+    data: str = "~/.cache/imfc/data/faces256"  # cache made by `imfc prepare-data`
+    split: str = "train/split.json"
+    out: str = "~/.cache/imfc/runs/default"
+    init: str = ""  # weights (.safetensors) to start from, e.g. a lower-resolution stage
+    resolution: int = 128  # training crops; the model is convolutional
+    batch_size: int = 8
+    steps: int = 20000
+    lr: float = 4e-4
+    aux_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 200
+    lmbda_token: float = 2.0  # weight of the frame token's bits per pixel
+    lmbda_key: float = 0.05  # weight of the keyframe's bits per pixel
+    rate_start: int = 1000  # reconstruction only before this step, then the rate weights ramp in
+    rate_ramp: int = 1000
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 20
+    val_every: int = 500
+    ckpt_every: int = 250
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out).expanduser()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data).expanduser()
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "default": TrainConfig(),
+    # tests and smoke runs: tiny model, a few steps
+    "tiny": TrainConfig(model="tiny", resolution=64, batch_size=2, steps=4, warmup=1, rate_start=2, rate_ramp=1,
+                        log_every=1, val_every=2, ckpt_every=2, out="~/.cache/imfc/runs/tiny"),
+}
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "imfc train") -> TrainConfig:
+    """`PRESET [--field value ...]`: a preset with any field overridden."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train an imfc model.")
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    for f in fields(TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, dest=f.name)
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    return replace(PRESETS[args.preset], **overrides)

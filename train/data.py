@@ -1,0 +1,115 @@
+"""Training data: cached clips (see train/prepare.py), a by-clip train/validation split, and
+(reference, previous, current) frame triplets sampled within one clip with consistent augmentation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Split:
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+    @staticmethod
+    def load(path: Path) -> "Split":
+        d = json.loads(Path(path).read_text())
+        return Split(tuple(d["train"]), tuple(d["val"]))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"train": list(self.train), "val": list(self.val)}, indent=1) + "\n")
+
+
+def make_split(names: list[str], every: int = 12, offset: int = 5) -> Split:
+    """Deterministic by-clip split: every ``every``-th clip of the sorted names is held out."""
+    names = sorted(names)
+    val = tuple(n for i, n in enumerate(names) if i % every == offset)
+    return Split(tuple(n for n in names if n not in val), val)
+
+
+class ClipCache:
+    """Memory-mapped uint8 clips (T, S, S, 3) named by clip."""
+
+    def __init__(self, root: Path, names: tuple[str, ...]):
+        missing = [n for n in names if not (Path(root) / f"{n}.npy").exists()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} clips missing from {root} (first: {missing[0]}); "
+                                    "run `imfc prepare-data` first")
+        self.names = names
+        self.clips = [np.load(Path(root) / f"{n}.npy", mmap_mode="r") for n in names]
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+
+def _to_float(frames: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255)
+
+
+def augment(frames: Tensor, rng: np.random.Generator, resolution: int) -> Tensor:
+    """The same flip, scale/shift crop and colour jitter for all frames of a triplet (T, 3, S, S)."""
+    s = frames.shape[-1]
+    if rng.random() < 0.5:
+        frames = frames.flip(-1)
+    crop = int(s * rng.uniform(0.85, 1.0))
+    top, left = rng.integers(0, s - crop + 1, size=2)
+    frames = frames[..., top:top + crop, left:left + crop]
+    frames = F.interpolate(frames, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    brightness, contrast, saturation = rng.uniform(-0.1, 0.1, size=3)
+    mean = frames.mean((1, 2, 3), keepdim=True)
+    gray = frames.mean(1, keepdim=True)
+    frames = gray + (frames - gray) * (1 + saturation)
+    frames = mean + (frames - mean) * (1 + contrast) + brightness
+    return frames.clamp(0, 1)
+
+
+def resize(frames: Tensor, resolution: int) -> Tensor:
+    if frames.shape[-1] == resolution:
+        return frames
+    return F.interpolate(frames, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+
+
+class TripletSampler:
+    """Random (reference, previous, current) triplets: a random clip (weighted by sqrt of its length),
+    a random reference frame and a current frame at a random distance; previous = current - 1."""
+
+    def __init__(self, cache: ClipCache, resolution: int, batch_size: int, seed: int):
+        self.cache = cache
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        lengths = np.array([len(c) for c in cache.clips], dtype=np.float64)
+        self.weights = np.sqrt(lengths) / np.sqrt(lengths).sum()
+
+    def sample(self) -> Tensor:
+        """-> (3, B, 3, R, R): reference, previous, current frames in [0, 1]."""
+        out = []
+        for _ in range(self.batch_size):
+            clip = self.cache.clips[self.rng.choice(len(self.cache), p=self.weights)]
+            ref, cur = self.rng.integers(0, len(clip), size=2)
+            prev = max(cur - 1, 0)
+            out.append(augment(_to_float(clip[[ref, prev, cur]]), self.rng, self.resolution))
+        return torch.stack(out, 1)
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def validation_triplets(cache: ClipCache, resolution: int, per_clip: int = 4) -> Tensor:
+    """A fixed set: per clip, reference = first frame, current at evenly spaced later frames."""
+    out = []
+    for clip in cache.clips:
+        for cur in np.linspace(len(clip) // per_clip, len(clip) - 1, per_clip).astype(int):
+            out.append(resize(_to_float(clip[[0, max(cur - 1, 0), cur]]), resolution))
+    return torch.stack(out, 1)

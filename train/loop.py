@@ -1,0 +1,203 @@
+"""The training loop: ``train(cfg)``, read top to bottom.
+
+Stages: reconstruction first (rate weights at zero, quantization noise on), then the rate weights
+ramp in. Two optimizers as CompressAI prescribes: AdamW for the network, Adam for the entropy
+bottlenecks' quantiles (their auxiliary loss). A checkpoint holds everything needed for an exact
+resume: model, optimizers, scheduler, step and the data sampler's RNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from compressai.entropy_models import EntropyBottleneck
+from PIL import Image
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from codec.config import get_config
+from codec.model import IMFCodec, build_model
+from codec.weights import load_weights, save_weights
+from train.config import TrainConfig
+from train.data import ClipCache, Split, TripletSampler, validation_triplets
+from train.losses import msssim, psnr, rd_loss
+
+
+@dataclass
+class TrainState:
+    model: IMFCodec
+    optimizer: torch.optim.Optimizer
+    aux_optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    lr: float
+    loss: float
+    psnr: float
+    msssim: float
+    key_psnr: float
+    bpp_token: float
+    bpp_key: float
+    aux: float
+    seconds: float
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(network parameters, entropy-bottleneck quantiles), chosen by module type."""
+    aux = [m.quantiles for m in model.modules() if isinstance(m, EntropyBottleneck)]
+    aux_ids = {id(p) for p in aux}
+    return [p for p in model.parameters() if id(p) not in aux_ids], aux
+
+
+def build_state(cfg: TrainConfig) -> TrainState:
+    model = load_weights(Path(cfg.init).expanduser()) if cfg.init else build_model(get_config(cfg.model))
+    model.train()
+    params, aux = split_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr)
+
+    def lr_lambda(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return TrainState(model, optimizer, aux_optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda))
+
+
+def rate_weight(cfg: TrainConfig, step: int) -> float:
+    return min(1.0, max(0.0, (step - cfg.rate_start) / max(1, cfg.rate_ramp)))
+
+
+def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetrics:
+    t0 = time.perf_counter()
+    x_ref, x_prev, x_cur = batch
+    model = state.model
+    w = rate_weight(cfg, state.step)
+    out = model(x_ref, x_prev, x_cur)
+    terms = rd_loss(out, x_cur, x_ref, w * cfg.lmbda_token, w * cfg.lmbda_key)
+    state.optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    nn.utils.clip_grad_norm_(state.optimizer.param_groups[0]["params"], cfg.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    aux = model.aux_loss()
+    state.aux_optimizer.zero_grad(set_to_none=True)
+    aux.backward()
+    state.aux_optimizer.step()
+    state.step += 1
+    return StepMetrics(state.step, state.scheduler.get_last_lr()[0], terms.loss.item(), terms.psnr, terms.msssim,
+                       terms.key_psnr, terms.bpp_token, terms.bpp_key, aux.item(), time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def validate(model: IMFCodec, triplets: Tensor, grid_path: Path | None = None, batch: int = 8) -> dict[str, float]:
+    """PSNR, MS-SSIM (frame and keyframe) and bpp with real rounding, on fixed held-out triplets."""
+    model.eval()
+    rows = []
+    first = None
+    pixels = triplets.shape[-1] * triplets.shape[-2]
+    for i in range(0, triplets.shape[1], batch):
+        x_ref, x_prev, x_cur = triplets[:, i:i + batch]
+        out = model(x_ref, x_prev, x_cur)
+        token_bits = -torch.log2(out.token_likelihoods).sum(1)
+        key_bits = -torch.log2(out.keyframe_likelihoods).flatten(1).sum(1) - torch.log2(out.ref_token_likelihoods).sum(1)
+        rows.append(torch.stack([psnr(out.x_hat, x_cur), msssim(out.x_hat, x_cur), psnr(out.x_ref_hat, x_ref),
+                                 psnr(x_ref, x_cur), token_bits / pixels, key_bits / pixels], 1))
+        if first is None:
+            first = (x_ref, x_cur, out.x_hat, out.x_ref_hat)
+    model.train()
+    m = torch.cat(rows).mean(0).tolist()
+    if grid_path is not None:
+        save_grid(first, grid_path)
+    return dict(psnr=m[0], msssim=m[1], key_psnr=m[2], copy_ref_psnr=m[3], bpp_token=m[4], bpp_key=m[5])
+
+
+def save_grid(images: tuple[Tensor, ...], path: Path, rows: int = 4) -> None:
+    """Columns: reference, target, reconstruction, decoded keyframe; one row per sample."""
+    cols = [t[:rows] for t in images]
+    grid = torch.cat([torch.cat(list(c), 1) for c in cols], 2)  # (3, rows*H, cols*W)
+    Image.fromarray(grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()).save(path)
+
+
+def save_checkpoint(state: TrainState, sampler: TripletSampler, cfg: TrainConfig) -> None:
+    path = cfg.out_dir / "checkpoint.pt"
+    torch.save({
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "aux_optimizer": state.aux_optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "step": state.step,
+        "sampler": sampler.state(),
+        "torch_rng": torch.get_rng_state(),
+        "config": asdict(cfg),
+    }, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def load_checkpoint(state: TrainState, sampler: TripletSampler, path: Path) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.step = ckpt["step"]
+    sampler.load_state(ckpt["sampler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def train(cfg: TrainConfig) -> TrainState:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    split = Split.load(Path(cfg.split))
+    sampler = TripletSampler(ClipCache(cfg.data_dir, split.train), cfg.resolution, cfg.batch_size, cfg.seed)
+    val_triplets = validation_triplets(ClipCache(cfg.data_dir, split.val), cfg.resolution)
+
+    state = build_state(cfg)
+    if (out / "checkpoint.pt").exists():
+        load_checkpoint(state, sampler, out / "checkpoint.pt")
+        print(f"resumed from {out / 'checkpoint.pt'} at step {state.step}")
+
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    while state.step < cfg.steps:
+        m = train_step(state, sampler.sample(), cfg)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m.loss:.4f}", psnr=f"{m.psnr:.2f}", bpp=f"{m.bpp_token + m.bpp_key:.4f}")
+        if m.step % cfg.log_every == 0:
+            _append_csv(out / "train.csv", asdict(m))
+        if m.step % cfg.val_every == 0 or m.step == cfg.steps:
+            v = validate(state.model, val_triplets, out / f"val_{m.step:06d}.png")
+            _append_csv(out / "val.csv", {"step": m.step, **v})
+            bar.write(f"step {m.step}: val " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
+        if m.step % cfg.ckpt_every == 0 or m.step == cfg.steps:
+            save_checkpoint(state, sampler, cfg)
+    bar.close()
+    export = build_model(state.model.cfg)
+    export.load_state_dict(state.model.state_dict())
+    save_weights(export, out / "weights.safetensors")
+    print(f"weights: {out / 'weights.safetensors'}")
+    return state

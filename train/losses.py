@@ -1,0 +1,64 @@
+"""Training objective: distortion (L1 + MS-SSIM) on the frame and the keyframe, plus lambda * rate
+from the entropy models' likelihoods. No perceptual network: those need downloaded weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pytorch_msssim import ms_ssim
+from torch import Tensor
+
+from codec.model import RDOutput
+from entropy.coding import bits
+
+
+def msssim(x_hat: Tensor, x: Tensor) -> Tensor:
+    """MS-SSIM per sample (B,), with the largest Gaussian window (<= 11) that five scales allow."""
+    side = min(x.shape[-2:])
+    win = 11
+    while win > 3 and side <= (win - 1) * 16:
+        win -= 2
+    return ms_ssim(x_hat, x, data_range=1.0, win_size=win, size_average=False)
+
+
+def psnr(x_hat: Tensor, x: Tensor) -> Tensor:
+    mse = (x_hat - x).square().flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+@dataclass
+class LossTerms:
+    loss: Tensor
+    distortion: Tensor
+    psnr: float
+    msssim: float
+    key_psnr: float
+    bpp_token: float  # current frame's token
+    bpp_key: float  # keyframe image + its token
+
+
+def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmbda_key: float,
+            msssim_weight: float = 0.84) -> LossTerms:
+    """D(frame) + D(keyframe) + lmbda_token * bpp_token + lmbda_key * bpp_key."""
+    pixels = x_cur.shape[-2] * x_cur.shape[-1]
+
+    def distortion(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = msssim(x_hat, x)
+        return (1 - msssim_weight) * (x_hat - x).abs().mean() + msssim_weight * (1 - s.mean()), s
+
+    d_cur, s_cur = distortion(out.x_hat, x_cur)
+    d_key, _ = distortion(out.x_ref_hat, x_ref)
+    bpp_token = bits(out.token_likelihoods).mean() / pixels
+    bpp_key = (bits(out.keyframe_likelihoods) + bits(out.ref_token_likelihoods)).mean() / pixels
+    d = d_cur + d_key
+    loss = d + lmbda_token * bpp_token + lmbda_key * bpp_key
+    return LossTerms(
+        loss=loss,
+        distortion=d.detach(),
+        psnr=psnr(out.x_hat.detach(), x_cur).mean().item(),
+        msssim=s_cur.detach().mean().item(),
+        key_psnr=psnr(out.x_ref_hat.detach(), x_ref).mean().item(),
+        bpp_token=bpp_token.item(),
+        bpp_key=bpp_key.item(),
+    )
