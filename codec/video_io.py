@@ -107,3 +107,82 @@ def to_tensor(frame: np.ndarray) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
     return x[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+class FrameWriter:
+    """Writes (H, W, 3) uint8 RGB frames to ``path``, the format chosen by its extension:
+    .mp4/.mkv/.mov (H.264, CRF 10, near-lossless), .y4m (lossless, 4:4:4), or a folder of PNGs
+    (no extension). Output goes to a temporary name and is renamed on ``close()``; ``abort()``
+    removes it, so a failed run never leaves a half-written file."""
+
+    CONTAINERS = {".mp4", ".mkv", ".mov"}
+
+    def __init__(self, path: str | Path, fps: Fraction):
+        self.path = Path(path)
+        self.fps = fps
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        if not parent.is_dir():
+            raise VideoError(f"{self.path}: output folder {parent} does not exist")
+        suffix = self.path.suffix.lower()
+        if suffix and suffix not in self.CONTAINERS | {".y4m"}:
+            raise VideoError(f"{self.path}: unsupported output type {suffix!r} (use .mp4, .mkv, .mov, .y4m or a folder)")
+        self.tmp = self.path.with_name(f".{self.path.name}.part")
+        self.is_folder = not suffix
+        if self.is_folder and self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise VideoError(f"{self.path}: exists and is not an empty folder")
+        self.count = 0
+        self.container = None
+        self.stream = None
+        try:
+            if self.is_folder:
+                self.tmp.mkdir(exist_ok=True)
+            else:
+                self.container = av.open(str(self.tmp), "w", format="yuv4mpegpipe" if suffix == ".y4m" else suffix[1:].replace("mkv", "matroska"))
+        except (OSError, av.error.FFmpegError) as e:
+            raise VideoError(f"{self.path}: cannot write ({e.__class__.__name__}: {e})") from None
+
+    def write(self, frame: np.ndarray) -> None:
+        if self.is_folder:
+            from PIL import Image
+
+            Image.fromarray(frame).save(self.tmp / f"{self.count:06d}.png")
+        else:
+            if self.stream is None:
+                self._open_stream(frame.shape[1], frame.shape[0])
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            for packet in self.stream.encode(video_frame):
+                self.container.mux(packet)
+        self.count += 1
+
+    def _open_stream(self, width: int, height: int) -> None:
+        if self.path.suffix.lower() == ".y4m":
+            self.stream = self.container.add_stream("rawvideo", rate=self.fps)
+            self.stream.pix_fmt = "yuv444p"
+        else:
+            self.stream = self.container.add_stream("libx264", rate=self.fps)
+            self.stream.pix_fmt = "yuv444p" if width % 2 or height % 2 else "yuv420p"
+            self.stream.options = {"crf": "10", "preset": "medium"}
+        self.stream.width, self.stream.height = width, height
+
+    def close(self) -> None:
+        if self.container is not None:
+            if self.stream is not None:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+            self.container.close()
+        if self.is_folder and self.path.exists():
+            self.path.rmdir()  # empty, checked on open
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        if self.container is not None:
+            try:
+                self.container.close()
+            except Exception:  # closing a broken container must not hide the original error
+                pass
+        if self.tmp.is_dir():
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.tmp.unlink(missing_ok=True)

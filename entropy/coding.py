@@ -37,9 +37,15 @@ def encode_symbols(bottleneck: EntropyBottleneck, x: Tensor) -> bytes:
 
 
 def decode_symbols(bottleneck: EntropyBottleneck, data: bytes, spatial: tuple[int, ...]) -> Tensor:
-    """Inverse of encode_symbols -> (1, C, *spatial), the dequantized values."""
+    """Inverse of encode_symbols -> (1, C, *spatial), the dequantized values.
+
+    The rANS decoder reads its input without bounds checks; on damaged data it could run past the
+    end. Zero padding (more than it can consume for this many symbols) keeps every read inside
+    our buffer; a valid stream never reaches the padding.
+    """
     require_tables(bottleneck)
-    return bottleneck.decompress([data], spatial)
+    symbols = bottleneck._quantized_cdf.shape[0] * math.prod(spatial)
+    return bottleneck.decompress([bytes(data) + bytes(8 * symbols + 64)], spatial)
 
 
 def quantize_ste(x: Tensor) -> Tensor:

@@ -35,3 +35,31 @@ def moving_square_clip(frames: int, size: int, seed: int = 0) -> np.ndarray:
         img[oy:oy + size // 3, ox:ox + size // 3] = patch
         out.append(img)
     return np.array(out).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """An untrained tiny model with its coder tables built, saved like a shipped model."""
+    from codec.config import get_config
+    from codec.model import build_model
+    from codec.weights import save_weights
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_weights(build_model(get_config("tiny")), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_video(tmp_path_factory) -> Path:
+    """A 12-frame 80x64 mp4 of a drifting textured square."""
+    from fractions import Fraction
+
+    from codec.video_io import FrameWriter
+
+    path = tmp_path_factory.mktemp("video") / "square.mp4"
+    writer = FrameWriter(path, Fraction(25))
+    for frame in moving_square_clip(12, 80):
+        writer.write(frame[8:72])  # 80 wide, 64 high: not square
+    writer.close()
+    return path

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = {
+    "encode": ("tools.encode", "compress a video file to .imfc"),
+    "decode": ("tools.decode", "decode .imfc to a video file or PNG frames"),
+    "info": ("tools.info", "header and per-chunk statistics of an .imfc file"),
     "prepare-data": ("tools.prepare_data", "crop clips around the face and cache them for training"),
     "train": ("tools.train", "train a model"),
     "stats": ("tools.stats", "parameters, weight size and decode FLOPs of the model presets"),
@@ -22,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imfc: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0 if argv else 2
+    # compressai scripts a helper at import time, which torch now reports as deprecated
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     return module.main(argv[1:])
 

@@ -21,10 +21,11 @@ class TrainConfig:
     aux_lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: int = 200
-    lmbda_token: float = 2.0  # weight of the frame token's bits per pixel
+    lmbda_token: float = 4.0  # weight of the frame token's bits per pixel
     lmbda_key: float = 0.05  # weight of the keyframe's bits per pixel
     rate_start: int = 1000  # reconstruction only before this step, then the rate weights ramp in
     rate_ramp: int = 1000
+    msssim_weight: float = 0.3  # MS-SSIM share of the distortion, ramped in with the rate weights
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 2

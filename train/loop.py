@@ -86,7 +86,7 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     model = state.model
     w = rate_weight(cfg, state.step)
     out = model(x_ref, x_prev, x_cur)
-    terms = rd_loss(out, x_cur, x_ref, w * cfg.lmbda_token, w * cfg.lmbda_key)
+    terms = rd_loss(out, x_cur, x_ref, w * cfg.lmbda_token, w * cfg.lmbda_key, w * cfg.msssim_weight)
     state.optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
     nn.utils.clip_grad_norm_(state.optimizer.param_groups[0]["params"], cfg.grad_clip)

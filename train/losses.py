@@ -39,8 +39,11 @@ class LossTerms:
 
 
 def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmbda_key: float,
-            msssim_weight: float = 0.84) -> LossTerms:
-    """D(frame) + D(keyframe) + lmbda_token * bpp_token + lmbda_key * bpp_key."""
+            msssim_weight: float) -> LossTerms:
+    """D(frame) + D(keyframe) + lmbda_token * bpp_token + lmbda_key * bpp_key,
+    D = (1 - w) * L1 + w * (1 - MS-SSIM). Keep w at 0 until the networks reconstruct decently:
+    measured here, MS-SSIM from step 0 drives a fresh keyframe codec to 7 dB (it ignores
+    brightness and colour at first), where L1 alone reaches 22.5 dB in 150 steps."""
     pixels = x_cur.shape[-2] * x_cur.shape[-1]
 
     def distortion(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,194 @@
+"""The .imfc container: a header, then one self-delimiting chunk per frame. See docs/bitstream.md.
+
+    file   = header chunk*
+    header = "IMFC" version:u8 length:u16 fields[length] crc32:u32
+    chunk  = type:u8 length:varint payload[length] crc32:u32     (crc over type, length, payload)
+
+Every chunk can be parsed, checked and skipped on its own, so a damaged stream is detected at the
+exact chunk and a reader can resynchronize on the next chunk whose CRC holds.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Iterator
+
+MAGIC = b"IMFC"
+VERSION = 1
+MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
+MAX_PRESET_NAME = 32
+
+
+class BitstreamError(Exception):
+    pass
+
+
+class ChunkType(IntEnum):
+    KEYFRAME = 1  # a new reference: its token and its image, coded on their own
+    FRAME = 2  # a token, coded as a delta from the previous frame's token
+
+
+_HEADER_FIELDS = struct.Struct("<8sHHIIIBHHHHH")
+
+
+@dataclass(frozen=True)
+class Header:
+    preset: str
+    model_id: bytes  # 8 bytes: hash of the weights that made the stream
+    width: int  # coded frame size (the model's resolution)
+    height: int
+    fps_num: int
+    fps_den: int
+    frames: int
+    bank_size: int  # references the decoder keeps (oldest evicted)
+    source_width: int  # the source video and the square crop taken from it, for upscaling back
+    source_height: int
+    crop_left: int
+    crop_top: int
+    crop_size: int
+    version: int = VERSION
+
+    def to_bytes(self) -> bytes:
+        name = self.preset.encode("ascii")
+        if len(name) > MAX_PRESET_NAME or len(self.model_id) != 8:
+            raise ValueError("preset name too long or model id not 8 bytes")
+        fields = bytes([len(name)]) + name + _HEADER_FIELDS.pack(
+            self.model_id, self.width, self.height, self.fps_num, self.fps_den, self.frames, self.bank_size,
+            self.source_width, self.source_height, self.crop_left, self.crop_top, self.crop_size)
+        head = MAGIC + bytes([self.version]) + struct.pack("<H", len(fields)) + fields
+        return head + struct.pack("<I", zlib.crc32(head))
+
+    @staticmethod
+    def from_bytes(data: bytes) -> tuple["Header", int]:
+        """-> (header, bytes consumed)."""
+        if len(data) < 7 or data[:4] != MAGIC:
+            raise BitstreamError("not an imfc bitstream (bad magic bytes)")
+        version = data[4]
+        if version > VERSION:
+            raise BitstreamError(f"bitstream format version {version} is newer than this imfc reads ({VERSION}); upgrade imfc")
+        if version < 1:
+            raise BitstreamError(f"unknown bitstream format version {version}")
+        (length,) = struct.unpack_from("<H", data, 5)
+        end = 7 + length
+        if len(data) < end + 4:
+            raise BitstreamError("truncated header")
+        (crc,) = struct.unpack_from("<I", data, end)
+        if crc != zlib.crc32(data[:end]):
+            raise BitstreamError("corrupted header (CRC mismatch)")
+        n = data[7]
+        if 8 + n + _HEADER_FIELDS.size != end:
+            raise BitstreamError("malformed header")
+        try:
+            preset = data[8:8 + n].decode("ascii")
+        except UnicodeDecodeError:
+            raise BitstreamError("malformed header (preset name)") from None
+        values = _HEADER_FIELDS.unpack_from(data, 8 + n)
+        return Header(preset, *values, version=version), end + 4
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """-> (value, position after it); at most 4 bytes (values below 2^28)."""
+    value = 0
+    for i in range(4):
+        if pos + i >= len(data):
+            raise BitstreamError("truncated")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise BitstreamError("malformed length")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    type: ChunkType
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        head = bytes([self.type]) + _varint(len(self.payload))
+        return head + self.payload + struct.pack("<I", zlib.crc32(head + self.payload))
+
+
+def read_chunk(data: bytes, pos: int) -> tuple[Chunk, int]:
+    """The chunk starting at ``pos`` -> (chunk, position after it). Raises BitstreamError."""
+    kind = data[pos]
+    if kind not in ChunkType._value2member_map_:
+        raise BitstreamError(f"unknown chunk type {kind}")
+    length, start = _read_varint(data, pos + 1)
+    if length > MAX_PAYLOAD:
+        raise BitstreamError("implausible chunk length")
+    end = start + length
+    if end + 4 > len(data):
+        raise BitstreamError("truncated")
+    (crc,) = struct.unpack_from("<I", data, end)
+    if crc != zlib.crc32(data[pos:end]):
+        raise BitstreamError("corrupted (CRC mismatch)")
+    return Chunk(ChunkType(kind), bytes(data[start:end])), end + 4
+
+
+def iter_chunks(data: bytes, pos: int) -> Iterator[Chunk]:
+    """Every chunk from ``pos`` to the end; the first damaged one raises BitstreamError naming it."""
+    index = 0
+    while pos < len(data):
+        try:
+            chunk, pos_next = read_chunk(data, pos)
+        except BitstreamError as e:
+            raise BitstreamError(f"chunk {index} at byte {pos}: {e}") from None
+        yield chunk
+        pos = pos_next
+        index += 1
+
+
+def resync(data: bytes, pos: int) -> int | None:
+    """The first position at or after ``pos`` where a valid chunk starts, or None."""
+    for p in range(pos, len(data)):
+        try:
+            read_chunk(data, p)
+            return p
+        except BitstreamError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class KeyframePayload:
+    token: bytes
+    image: bytes
+
+    def to_bytes(self) -> bytes:
+        return _varint(len(self.token)) + self.token + self.image
+
+    @staticmethod
+    def from_bytes(payload: bytes) -> "KeyframePayload":
+        n, pos = _read_varint(payload, 0)
+        if pos + n > len(payload):
+            raise BitstreamError("malformed keyframe payload")
+        return KeyframePayload(payload[pos:pos + n], payload[pos + n:])
+
+
+def write_stream(header: Header, chunks: list[Chunk]) -> bytes:
+    return header.to_bytes() + b"".join(c.to_bytes() for c in chunks)
+
+
+def read_stream(data: bytes) -> tuple[Header, list[Chunk]]:
+    """Parse a whole stream, checking every CRC and that the frame count matches the header."""
+    header, pos = Header.from_bytes(data)
+    chunks = list(iter_chunks(data, pos))
+    if len(chunks) != header.frames:
+        raise BitstreamError(f"truncated: header announces {header.frames} frames, stream holds {len(chunks)}")
+    if chunks and chunks[0].type != ChunkType.KEYFRAME:
+        raise BitstreamError("chunk 0: a stream must start with a keyframe")
+    return header, chunks

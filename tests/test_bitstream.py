@@ -1,0 +1,143 @@
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entropy.bitstream import (
+    VERSION, BitstreamError, Chunk, ChunkType, Header, KeyframePayload, iter_chunks, read_stream, resync, write_stream,
+)
+
+headers = st.builds(
+    Header,
+    preset=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=32),
+    model_id=st.binary(min_size=8, max_size=8),
+    width=st.integers(1, 65535), height=st.integers(1, 65535),
+    fps_num=st.integers(1, 2**32 - 1), fps_den=st.integers(1, 2**32 - 1),
+    frames=st.integers(0, 2**32 - 1), bank_size=st.integers(1, 255),
+    source_width=st.integers(0, 65535), source_height=st.integers(0, 65535),
+    crop_left=st.integers(0, 65535), crop_top=st.integers(0, 65535), crop_size=st.integers(0, 65535),
+)
+chunks = st.builds(Chunk, type=st.sampled_from(list(ChunkType)), payload=st.binary(max_size=300))
+
+
+def header(frames: int) -> Header:
+    return Header("tiny", bytes(range(8)), 64, 64, 25, 1, frames, 2, 320, 240, 40, 0, 240)
+
+
+@given(headers)
+def test_header_round_trip(h):
+    data = h.to_bytes()
+    parsed, used = Header.from_bytes(data + b"trailing")
+    assert parsed == h and used == len(data)
+
+
+@given(st.lists(chunks, max_size=20))
+def test_chunks_round_trip(items):
+    h = header(len(items))
+    data = write_stream(h, items)
+    _, pos = Header.from_bytes(data)
+    assert list(iter_chunks(data, pos)) == items
+
+
+@given(st.binary(max_size=50), st.binary(max_size=500))
+def test_keyframe_payload_round_trip(token, image):
+    p = KeyframePayload(token, image)
+    assert KeyframePayload.from_bytes(p.to_bytes()) == p
+
+
+def sample_stream(n=10):
+    items = [Chunk(ChunkType.KEYFRAME, KeyframePayload(b"tok", bytes(200)).to_bytes())]
+    items += [Chunk(ChunkType.FRAME, bytes([i]) * (5 + i)) for i in range(n - 1)]
+    return write_stream(header(n), items), items
+
+
+def test_read_stream_checks_frame_count():
+    data, items = sample_stream()
+    assert read_stream(data)[1] == items
+    last = len(items[-1].to_bytes())
+    with pytest.raises(BitstreamError, match="truncated: header announces 10 frames, stream holds 9"):
+        read_stream(data[:-last])
+
+
+def test_truncation_inside_a_chunk_names_the_chunk():
+    data, _ = sample_stream()
+    with pytest.raises(BitstreamError, match=r"chunk 9 at byte \d+: truncated"):
+        read_stream(data[:-3])
+
+
+def test_flipped_byte_is_detected_at_its_chunk():
+    data, items = sample_stream()
+    _, pos = Header.from_bytes(data)
+    third = pos + sum(len(c.to_bytes()) for c in items[:3])
+    damaged = bytearray(data)
+    damaged[third + 3] ^= 0x40
+    with pytest.raises(BitstreamError, match=f"chunk 3 at byte {third}"):
+        read_stream(bytes(damaged))
+
+
+def test_resync_finds_the_next_chunk():
+    data, items = sample_stream()
+    _, pos = Header.from_bytes(data)
+    third = pos + sum(len(c.to_bytes()) for c in items[:3])
+    damaged = bytearray(data)
+    damaged[third + 3] ^= 0x40
+    assert resync(bytes(damaged), third) == third + len(items[3].to_bytes())
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: b"XXXX" + d[4:], "bad magic"),
+    (lambda d: d[:4] + bytes([VERSION + 1]) + d[5:], "newer than this imfc reads"),
+    (lambda d: d[:10] + bytes([d[10] ^ 1]) + d[11:], "corrupted header"),
+    (lambda d: d[:5], "truncated header|bad magic"),
+    (lambda d: b"", "bad magic"),
+])
+def test_bad_headers(mutate, message):
+    data, _ = sample_stream()
+    with pytest.raises(BitstreamError, match=message):
+        read_stream(mutate(data))
+
+
+def test_stream_must_start_with_keyframe():
+    data = write_stream(header(1), [Chunk(ChunkType.FRAME, b"x")])
+    with pytest.raises(BitstreamError, match="keyframe"):
+        read_stream(data)
+
+
+@settings(deadline=None)
+@given(st.data())
+def test_parser_survives_mutations(data):
+    """Fuzz: mutated streams either parse or raise BitstreamError; never anything else, never hang."""
+    stream, _ = sample_stream()
+    buf = bytearray(stream)
+    for _ in range(data.draw(st.integers(1, 8))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
+        pos = data.draw(st.integers(0, max(0, len(buf) - 1)))
+        if op == "flip" and buf:
+            buf[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "cut":
+            del buf[pos:]
+        elif op == "insert":
+            buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete":
+            del buf[pos:pos + data.draw(st.integers(1, 8))]
+    try:
+        read_stream(bytes(buf))
+    except BitstreamError:
+        pass
+
+
+def test_parser_survives_thousands_of_random_mutations():
+    stream, _ = sample_stream()
+    rng = random.Random(0)
+    for _ in range(3000):
+        buf = bytearray(stream)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(buf))
+            buf[i] = rng.randrange(256)
+        if rng.random() < 0.3:
+            del buf[rng.randrange(len(buf)):]
+        try:
+            read_stream(bytes(buf))
+        except BitstreamError:
+            pass

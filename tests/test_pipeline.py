@@ -1,0 +1,115 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codec.files import decode_file, encode_file, read_bitstream
+from codec.pipeline import Decoder, Encoder, EncoderSettings
+from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
+from codec.weights import load_weights
+from entropy.bitstream import ChunkType
+
+ALWAYS_TOKENS = EncoderSettings(quality_floor=0.0, max_keyframe_interval=5, bank_size=2)
+
+
+def model_frames(path: Path, size: int, limit: int | None = None):
+    info = probe(path)
+    box = center_box(info.width, info.height)
+    return [to_tensor(crop_resize(f, box, size)) for f in read_frames(path, limit)]
+
+
+def test_token_round_trip(tiny_weights):
+    model = load_weights(tiny_weights)
+    g = torch.Generator().manual_seed(0)
+    u_prev = None
+    for _ in range(20):
+        u = torch.randn(1, model.cfg.token_dim, generator=g) * 3
+        data, u_hat = model.compress_token(u, u_prev)
+        assert torch.equal(model.decompress_token(data, u_prev), u_hat)
+        assert (u_hat - u).abs().max() <= 0.5 + 1e-5  # quantized to the unit lattice around u
+        u_prev = u_hat
+
+
+def test_in_process_decode_equals_closed_loop(tiny_weights, synthetic_video):
+    model = load_weights(tiny_weights)
+    frames = model_frames(synthetic_video, model.cfg.resolution)
+    encoder = Encoder(model, ALWAYS_TOKENS)
+    encoded = [encoder.encode(x) for x in frames]
+    kinds = [e.chunk.type for e in encoded]
+    assert [i for i, k in enumerate(kinds) if k == ChunkType.KEYFRAME] == [0, 6]  # interval 5: 5 token frames each
+    decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, ALWAYS_TOKENS.bank_size)
+    for e in encoded:
+        assert torch.equal(decoder.decode(e.chunk), e.x_hat)
+
+
+def test_quality_floor_forces_keyframes(tiny_weights, synthetic_video):
+    model = load_weights(tiny_weights)
+    encoder = Encoder(model, EncoderSettings(quality_floor=99.0))
+    kinds = [encoder.encode(x).chunk.type for x in model_frames(synthetic_video, model.cfg.resolution)]
+    assert all(k == ChunkType.KEYFRAME for k in kinds)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=600)
+
+
+def test_cross_process_decode_is_bit_exact(tiny_weights, synthetic_video, tmp_path):
+    """Encode here with 2 threads; decode in another process with 1 thread; compare every pixel."""
+    torch.set_num_threads(2)
+    model = load_weights(tiny_weights)
+    encoder = Encoder(model, ALWAYS_TOKENS)
+    recon = [to_uint8(encoder.encode(x).x_hat) for x in model_frames(synthetic_video, model.cfg.resolution)]
+    stream = tmp_path / "s.imfc"
+    encode_file(synthetic_video, stream, model, ALWAYS_TOKENS, progress=False)
+    out = tmp_path / "frames"
+    r = run_cli("decode", str(stream), "-o", str(out), "--weights", str(tiny_weights), "--threads", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    decoded = [np.array(Image.open(p)) for p in sorted(out.glob("*.png"))]
+    assert len(decoded) == len(recon)
+    for a, b in zip(decoded, recon):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".y4m", ""])
+def test_file_round_trip(tiny_weights, synthetic_video, tmp_path, suffix):
+    model = load_weights(tiny_weights)
+    stream = tmp_path / "s.imfc"
+    s = encode_file(synthetic_video, stream, model, ALWAYS_TOKENS, progress=False)
+    assert s.frames == 12 and s.bytes == stream.stat().st_size and s.kbps > 0
+    header, chunks = read_bitstream(stream, model)
+    assert (header.source_width, header.source_height, header.crop_size) == (80, 64, 64)
+    out = tmp_path / f"out{suffix}"
+    d = decode_file(stream, out, model, progress=False)
+    assert d.frames == 12
+    if suffix:
+        info = probe(out)
+        assert (info.width, info.height) == (64, 64) and info.fps == 25
+        assert len(list(read_frames(out))) == 12
+    else:
+        assert len(list(out.glob("*.png"))) == 12
+    assert not list(tmp_path.glob(".*part*"))
+
+
+def test_upscale_to_crop_size(tiny_weights, synthetic_video, tmp_path):
+    model = load_weights(tiny_weights)
+    stream = tmp_path / "s.imfc"
+    encode_file(synthetic_video, stream, model, ALWAYS_TOKENS, max_frames=3, progress=False)
+    out = tmp_path / "up"
+    decode_file(stream, out, model, upscale=True, progress=False)
+    assert np.array(Image.open(sorted(out.glob("*.png"))[0])).shape == (64, 64, 3)  # crop 64 == model size here
+
+
+@pytest.mark.slow
+def test_real_clip_round_trip(tiny_weights, shared_clip, tmp_path):
+    model = load_weights(tiny_weights)
+    stream = tmp_path / "clip.imfc"
+    s = encode_file(shared_clip, stream, model, ALWAYS_TOKENS, max_frames=20, progress=False)
+    assert s.frames == 20
+    r = run_cli("decode", str(stream), "-o", str(tmp_path / "clip.mp4"), "--weights", str(tiny_weights), "-q")
+    assert r.returncode == 0, r.stderr
+    assert len(list(read_frames(tmp_path / "clip.mp4"))) == 20

@@ -1,0 +1,63 @@
+"""imfc encode VIDEO -o OUT.imfc: compress a video file with the imfc model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from codec.files import encode_file
+from codec.pipeline import EncoderSettings
+from codec.video_io import Box
+from codec.weights import load_weights
+from tools.errors import run
+
+
+def parse_crop(text: str) -> Box:
+    try:
+        left, top, size = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("crop must be LEFT,TOP,SIZE in source pixels") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError("crop size must be positive")
+    return Box(left, top, size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = EncoderSettings()
+    parser = argparse.ArgumentParser(prog="imfc encode", description=__doc__)
+    parser.add_argument("input", type=Path, help="any video file PyAV can open (mp4, mkv, webm, y4m, mov...)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .imfc bitstream to write")
+    parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
+    parser.add_argument("--quality-floor", type=float, default=defaults.quality_floor,
+                        help="PSNR (dB) below which a frame is sent as a new keyframe (default %(default)s)")
+    parser.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval,
+                        help="frames between forced keyframes (default %(default)s)")
+    parser.add_argument("--bank-size", type=int, default=defaults.bank_size,
+                        help="reference frames the decoder keeps (default %(default)s)")
+    parser.add_argument("--frames", type=int, default=None, help="encode at most this many frames")
+    parser.add_argument("--crop", type=parse_crop, default=None,
+                        help="square crop LEFT,TOP,SIZE in source pixels (default: the centered square)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    if args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8:
+        parser.error("--max-keyframe-interval must be >= 1 and --bank-size in 1..8")
+
+    def action() -> int:
+        model = load_weights(args.weights)
+        settings = EncoderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size)
+        s = encode_file(args.input, args.output, model, settings, args.crop, args.frames, progress=not args.quiet)
+        print(f"{args.output}: {s.frames} frames, {s.keyframes} keyframes, {s.bytes} bytes, {s.kbps:.2f} kbps, "
+              f"PSNR {s.psnr:.2f} dB, {s.fps:.1f} fps")
+        return 0
+
+    return run("imfc encode", action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

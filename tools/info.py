@@ -1,0 +1,45 @@
+"""imfc info IN.imfc: the header and per-chunk statistics of a bitstream."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from codec.files import read_bitstream
+from entropy.bitstream import ChunkType
+from entropy.coding import bits_to_kbps
+from tools.errors import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imfc info", description=__doc__)
+    parser.add_argument("input", type=Path)
+    parser.add_argument("--chunks", action="store_true", help="one line per chunk")
+    args = parser.parse_args(argv)
+
+    def action() -> int:
+        h, chunks = read_bitstream(args.input)
+        size = args.input.stat().st_size
+        fps = h.fps_num / max(h.fps_den, 1)
+        key = [c for c in chunks if c.type == ChunkType.KEYFRAME]
+        frame = [c for c in chunks if c.type == ChunkType.FRAME]
+        print(f"format version {h.version}, model {h.preset} ({h.model_id.hex()})")
+        print(f"{h.width}x{h.height} at {fps:.3f} fps, {h.frames} frames ({h.frames / fps:.2f} s), bank of {h.bank_size}")
+        print(f"source {h.source_width}x{h.source_height}, crop {h.crop_size}x{h.crop_size} at ({h.crop_left}, {h.crop_top})")
+        key_bytes = sum(len(c.to_bytes()) for c in key)
+        frame_bytes = sum(len(c.to_bytes()) for c in frame)
+        print(f"keyframes: {len(key)}, {key_bytes} bytes" + (f" ({key_bytes / len(key):.0f} per keyframe)" if key else ""))
+        print(f"token frames: {len(frame)}, {frame_bytes} bytes" + (f" ({frame_bytes / len(frame):.1f} per frame)" if frame else ""))
+        print(f"total: {size} bytes, {bits_to_kbps(8 * size, h.frames, fps):.2f} kbps "
+              f"(token frames alone {bits_to_kbps(8 * frame_bytes, h.frames, fps):.2f} kbps)")
+        if args.chunks:
+            for i, c in enumerate(chunks):
+                print(f"{i:6d} {c.type.name:<8} {len(c.to_bytes()):7d} bytes")
+        return 0
+
+    return run("imfc info", action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
