@@ -1,6 +1,6 @@
 """IMF_D, the latent token decoder of IMF (CVPR 2024): a StyleGAN2-style generator.
 
-A learned constant at 1/32 resolution is refined by modulated convolutions with weight
+A learned constant, upsampled to 1/32 resolution, is refined by modulated convolutions with weight
 demodulation, the mapped token being the style, and upsampled scale by scale into motion features
 m at strides 32, 16, 8, 4. No noise injection: motion features must be a function of the token.
 """
@@ -15,14 +15,17 @@ from torch import Tensor, nn
 from codec.config import STRIDES, IMFConfig
 from codec.layers.modulated_conv import ModulatedConv2d
 
+CONST_SIZE = 4
+
 
 class TokenDecoder(nn.Module):
     def __init__(self, cfg: IMFConfig):
         super().__init__()
-        coarse = cfg.resolution // STRIDES[-1]
         c = cfg.channels
         self.mapping = Mlp(cfg.token_dim, cfg.style_dim, cfg.style_dim, act_layer=nn.GELU)
-        self.const = nn.Parameter(torch.randn(1, c[-1], coarse, coarse))
+        # a fixed 4x4 constant, resized to the frame's 1/32 grid: a model trained at 128x128 (4x4)
+        # uses exactly the same smooth input at 256x256 (8x8), so training resolutions can change
+        self.const = nn.Parameter(torch.randn(1, c[-1], CONST_SIZE, CONST_SIZE))
         self.convs = nn.ModuleList()
         ins = (c[-1],) + tuple(reversed(c))[:-1]
         for i, (cin, cout) in enumerate(zip(ins, reversed(c))):

@@ -63,3 +63,9 @@ def synthetic_video(tmp_path_factory) -> Path:
         writer.write(frame[8:72])  # 80 wide, 64 high: not square
     writer.close()
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests run single-threaded: reproducible, and they leave a core to other work."""
+    torch.set_num_threads(1)

@@ -16,16 +16,22 @@ SUBCOMMANDS = {
 }
 
 
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "usage: imfc COMMAND [ARGS...]  (imfc COMMAND --help for its options)\n\ncommands:\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        width = max(map(len, SUBCOMMANDS))
-        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-        print("usage: imfc COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr if argv else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(usage(), file=sys.stderr)
+        if argv:
             print(f"imfc: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
-        return 0 if argv else 2
+        return 2
     # compressai scripts a helper at import time, which torch now reports as deprecated
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])

@@ -1,7 +1,6 @@
-"""python -m train PRESET [--field value ...]"""
+"""python -m train PRESET [--field value ...] (the same as `imfc train`)."""
 
-import sys
+from train.config import parse_config
+from train.loop import train
 
-from tools.train import main
-
-sys.exit(main())
+train(parse_config(prog="python -m train"))

@@ -1,0 +1,109 @@
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codec.weights import load_weights, save_weights
+from train.config import PRESETS, parse_config
+from train.data import ClipCache, Split, TripletSampler, make_split
+from train.loop import build_state, load_checkpoint, save_checkpoint, train, train_step
+
+from .conftest import moving_square_clip
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    root = tmp_path / "cache"
+    root.mkdir()
+    names = [f"clip{i}" for i in range(6)]
+    for i, n in enumerate(names):
+        np.save(root / f"{n}.npy", moving_square_clip(10 + i, 96, seed=i))
+    make_split(names, every=3, offset=1).save(root / "split.json")
+    return root
+
+
+def tiny_cfg(cache_dir: Path, tmp_path: Path, **kw):
+    return replace(PRESETS["tiny"], data=str(cache_dir), split=str(cache_dir / "split.json"),
+                   out=str(tmp_path / "run"), **kw)
+
+
+def test_split_is_by_clip_and_loader_stays_inside(cache_dir):
+    split = Split.load(cache_dir / "split.json")
+    assert set(split.train).isdisjoint(split.val) and split.val
+    # make each training clip's frames carry its clip index, then check every triplet
+    marked = cache_dir.parent / "marked"
+    marked.mkdir()
+    for i, n in enumerate(split.train):
+        np.save(marked / f"{n}.npy", np.full((8 + i, 32, 32, 3), 10 * (i + 1), np.uint8))
+    sampler = TripletSampler(ClipCache(marked, split.train), 32, 4, seed=0)
+    assert sampler.cache.names == split.train
+    for _ in range(20):
+        batch = sampler.sample()  # (3, B, 3, R, R)
+        for b in range(batch.shape[1]):
+            # each clip has its own flat colour: a triplet's three frames come from one clip
+            assert torch.allclose(batch[0, b], batch[1, b]) and torch.allclose(batch[0, b], batch[2, b])
+    # validation clips are not in the training cache at all
+    with pytest.raises(FileNotFoundError, match="prepare-data"):
+        ClipCache(marked, split.val)
+
+
+def test_training_reduces_loss_on_a_fixed_batch(cache_dir, tmp_path):
+    cfg = tiny_cfg(cache_dir, tmp_path, rate_start=10**6, lr=2e-3, warmup=1, steps=30)
+    state = build_state(cfg)
+    split = Split.load(cache_dir / "split.json")
+    batch = TripletSampler(ClipCache(cache_dir, split.train), 64, 4, seed=0).sample()
+    losses = [train_step(state, batch, cfg).loss for _ in range(30)]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_resume_gives_the_same_next_step(cache_dir, tmp_path):
+    cfg = tiny_cfg(cache_dir, tmp_path)
+    split = Split.load(cache_dir / "split.json")
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_state(cfg), TripletSampler(ClipCache(cache_dir, split.train), 64, 2, seed=0)
+
+    state, sampler = fresh()
+    for _ in range(2):
+        train_step(state, sampler.sample(), cfg)
+    cfg.out_dir.mkdir(parents=True)
+    save_checkpoint(state, sampler, cfg)
+    expected = train_step(state, sampler.sample(), cfg)
+
+    resumed, resumed_sampler = fresh()
+    load_checkpoint(resumed, resumed_sampler, cfg.out_dir / "checkpoint.pt")
+    got = train_step(resumed, resumed_sampler.sample(), cfg)
+    assert got.step == expected.step == 3
+    assert got.loss == expected.loss
+    for a, b in zip(state.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_train_end_to_end_and_export(cache_dir, tmp_path):
+    cfg = tiny_cfg(cache_dir, tmp_path)
+    state = train(cfg)
+    out = cfg.out_dir
+    assert (out / "train.csv").exists() and (out / "val.csv").exists() and list(out.glob("val_*.png"))
+    model = load_weights(out / "weights.safetensors")
+    # the exported weights reproduce the (fp16-rounded) trained model's outputs
+    reference = state.model
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.half().float())
+    reference.eval()
+    x = [torch.rand(1, 3, 64, 64) for _ in range(3)]
+    with torch.no_grad():
+        assert torch.equal(model(*x).x_hat, reference(*x).x_hat)
+    # a second export of the loaded model is byte-identical in its tensors
+    save_weights(model, tmp_path / "again.safetensors")
+    again = load_weights(tmp_path / "again.safetensors")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_cli_overrides():
+    cfg = parse_config(["tiny", "--steps", "7", "--lr", "0.01", "--out", "/tmp/x"])
+    assert (cfg.steps, cfg.lr, cfg.out, cfg.model) == (7, 0.01, "/tmp/x", "tiny")
