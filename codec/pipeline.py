@@ -31,7 +31,7 @@ def psnr(x_hat: Tensor, x: Tensor) -> float:
 
 @dataclass(frozen=True)
 class EncoderSettings:
-    quality_floor: float = 26.0  # PSNR (dB) below which a frame is sent as a keyframe instead
+    quality_floor: float = 20.0  # PSNR (dB) below which a frame is sent as a keyframe instead
     max_keyframe_interval: int = 250  # frames; 10 s at 25 fps
     bank_size: int = 2
 

@@ -66,23 +66,25 @@ def test_truncation_inside_a_chunk_names_the_chunk():
         read_stream(data[:-3])
 
 
-def test_flipped_byte_is_detected_at_its_chunk():
+def damage_chunk_3():
+    """-> (stream with a bit flipped inside chunk 3, offset of chunk 3, offset of chunk 4)."""
     data, items = sample_stream()
     _, pos = Header.from_bytes(data)
     third = pos + sum(len(c.to_bytes()) for c in items[:3])
     damaged = bytearray(data)
     damaged[third + 3] ^= 0x40
+    return bytes(damaged), third, third + len(items[3].to_bytes())
+
+
+def test_flipped_byte_is_detected_at_its_chunk():
+    damaged, third, _ = damage_chunk_3()
     with pytest.raises(BitstreamError, match=f"chunk 3 at byte {third}"):
-        read_stream(bytes(damaged))
+        read_stream(damaged)
 
 
 def test_resync_finds_the_next_chunk():
-    data, items = sample_stream()
-    _, pos = Header.from_bytes(data)
-    third = pos + sum(len(c.to_bytes()) for c in items[:3])
-    damaged = bytearray(data)
-    damaged[third + 3] ^= 0x40
-    assert resync(bytes(damaged), third) == third + len(items[3].to_bytes())
+    damaged, third, fourth = damage_chunk_3()
+    assert resync(damaged, third) == fourth
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "info": ("tools.info", "header and per-chunk statistics of an .imfc file"),
     "prepare-data": ("tools.prepare_data", "crop clips around the face and cache them for training"),
     "train": ("tools.train", "train a model"),
+    "export": ("tools.export", "export a training run's checkpoint as weights (+ training curve)"),
     "stats": ("tools.stats", "parameters, weight size and decode FLOPs of the model presets"),
 }
 

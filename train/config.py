@@ -21,10 +21,11 @@ class TrainConfig:
     aux_lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: int = 200
-    lmbda_token: float = 4.0  # weight of the frame token's bits per pixel
+    lmbda_token: float = 0.5  # weight of the frame token's bits per pixel
     lmbda_key: float = 0.05  # weight of the keyframe's bits per pixel
-    rate_start: int = 1000  # reconstruction only before this step, then the rate weights ramp in
+    rate_start: int = 1000  # reconstruction only before this step, then the keyframe rate weight ramps in
     rate_ramp: int = 1000
+    token_rate_start: int = 4000  # the token rate later: first the tokens must learn to carry motion
     msssim_weight: float = 0.3  # MS-SSIM share of the distortion, ramped in with the rate weights
     grad_clip: float = 1.0
     seed: int = 0
@@ -46,6 +47,7 @@ PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
     # tests and smoke runs: tiny model, a few steps
     "tiny": TrainConfig(model="tiny", resolution=64, batch_size=2, steps=4, warmup=1, rate_start=2, rate_ramp=1,
+                        token_rate_start=2,
                         log_every=1, val_every=2, ckpt_every=2, out="~/.cache/imfc/runs/tiny"),
 }
 

@@ -76,17 +76,19 @@ def build_state(cfg: TrainConfig) -> TrainState:
     return TrainState(model, optimizer, aux_optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda))
 
 
-def rate_weight(cfg: TrainConfig, step: int) -> float:
-    return min(1.0, max(0.0, (step - cfg.rate_start) / max(1, cfg.rate_ramp)))
+def ramp(start: int, length: int, step: int) -> float:
+    """0 before ``start``, then linear to 1 over ``length`` steps."""
+    return min(1.0, max(0.0, (step - start) / max(1, length)))
 
 
 def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetrics:
     t0 = time.perf_counter()
     x_ref, x_prev, x_cur = batch
     model = state.model
-    w = rate_weight(cfg, state.step)
+    w_key = ramp(cfg.rate_start, cfg.rate_ramp, state.step)
+    w_token = ramp(cfg.token_rate_start, cfg.rate_ramp, state.step)
     out = model(x_ref, x_prev, x_cur)
-    terms = rd_loss(out, x_cur, x_ref, w * cfg.lmbda_token, w * cfg.lmbda_key, w * cfg.msssim_weight)
+    terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight)
     state.optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
     nn.utils.clip_grad_norm_(state.optimizer.param_groups[0]["params"], cfg.grad_clip)
