@@ -24,7 +24,6 @@ def model_stats(model: IMFCodec) -> ModelStats:
     cfg = model.cfg
     r = cfg.resolution
     model.eval()  # FlopCounterMode tracks modules with autograd hooks, so no no_grad here
-    x = torch.rand(1, 3, r, r)
     u = torch.zeros(1, cfg.token_dim)
     y = torch.zeros(1, cfg.keyframe_channels[1], r // 16, r // 16)
     with FlopCounterMode(display=False) as key_flops:

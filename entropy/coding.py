@@ -48,11 +48,6 @@ def decode_symbols(bottleneck: EntropyBottleneck, data: bytes, spatial: tuple[in
     return bottleneck.decompress([bytes(data) + bytes(8 * symbols + 64)], spatial)
 
 
-def quantize_ste(x: Tensor) -> Tensor:
-    """Round in the forward pass, identity gradient in the backward pass."""
-    return x + (x.round() - x).detach()
-
-
 def quantize_noise(x: Tensor) -> Tensor:
     """Training proxy for rounding: additive uniform noise in [-0.5, 0.5)."""
     return x + torch.empty_like(x).uniform_(-0.5, 0.5)

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from compressai.entropy_models import EntropyBottleneck
 from PIL import Image
@@ -27,6 +26,7 @@ from codec.model import IMFCodec, build_model
 from codec.weights import load_weights, save_weights
 from train.config import TrainConfig
 from train.data import ClipCache, Split, TripletSampler, validation_triplets
+from entropy.coding import bits
 from train.losses import msssim, psnr, rd_loss
 
 
@@ -113,8 +113,8 @@ def validate(model: IMFCodec, triplets: Tensor, grid_path: Path | None = None, b
     for i in range(0, triplets.shape[1], batch):
         x_ref, x_prev, x_cur = triplets[:, i:i + batch]
         out = model(x_ref, x_prev, x_cur)
-        token_bits = -torch.log2(out.token_likelihoods).sum(1)
-        key_bits = -torch.log2(out.keyframe_likelihoods).flatten(1).sum(1) - torch.log2(out.ref_token_likelihoods).sum(1)
+        token_bits = bits(out.token_likelihoods)
+        key_bits = bits(out.keyframe_likelihoods) + bits(out.ref_token_likelihoods)
         rows.append(torch.stack([psnr(out.x_hat, x_cur), msssim(out.x_hat, x_cur), psnr(out.x_ref_hat, x_ref),
                                  psnr(x_ref, x_cur), token_bits / pixels, key_bits / pixels], 1))
         if first is None:
