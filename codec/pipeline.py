@@ -52,6 +52,25 @@ class EncodedFrame:
     psnr: float
 
 
+# -- per-frame steps, shared by the file pipeline below and the streaming Sender/Receiver -------
+def render(model: IMFCodec, u_hat: Tensor, bank: list[Reference]) -> Tensor:
+    """A token frame's reconstruction, on the 8-bit grid: what encoder and decoder both show."""
+    return to_8bit(model.synthesize(u_hat, bank))
+
+
+def encode_keyframe(model: IMFCodec, x: Tensor) -> tuple[KeyframePayload, Tensor, Tensor]:
+    """x (1, 3, R, R) -> (payload, u_hat, x_hat): its token coded on its own, and its image."""
+    token, u_hat = model.compress_token(model.token_symbols(x), None)
+    image, x_hat = model.keyframe_codec.compress(x)
+    return KeyframePayload(token, image), u_hat, to_8bit(x_hat)
+
+
+def decode_keyframe(model: IMFCodec, payload: KeyframePayload, resolution: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Inverse of encode_keyframe -> (u_hat, x_hat)."""
+    u_hat = model.decompress_token(payload.token, None)
+    return u_hat, to_8bit(model.keyframe_codec.decompress(payload.image, resolution))
+
+
 class Encoder:
     def __init__(self, model: IMFCodec, settings: EncoderSettings):
         self.model = model.eval()
@@ -64,18 +83,15 @@ class Encoder:
         u = self.model.token_symbols(x)
         if st.bank and st.since_keyframe < s.max_keyframe_interval:
             data, u_hat = self.model.compress_token(u, st.u_prev_hat)
-            x_hat = to_8bit(self.model.synthesize(u_hat, st.bank))
+            x_hat = render(self.model, u_hat, st.bank)
             quality = psnr(x_hat, x)
             if quality >= s.quality_floor:
                 st.u_prev_hat = u_hat
                 st.since_keyframe += 1
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)
-        token, u_hat = self.model.compress_token(u, None)
-        image, x_hat = self.model.keyframe_codec.compress(x)
-        x_hat = to_8bit(x_hat)
+        payload, u_hat, x_hat = encode_keyframe(self.model, x)
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
-        payload = KeyframePayload(token, image).to_bytes()
-        return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload), x_hat, psnr(x_hat, x))
+        return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
 
 def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tensor, bank_size: int) -> None:
@@ -96,13 +112,11 @@ class Decoder:
         """One chunk -> (1, 3, R, R) frame. Raises BitstreamError on a payload that cannot be decoded."""
         st = self.state
         if chunk.type == ChunkType.KEYFRAME:
-            payload = KeyframePayload.from_bytes(chunk.payload)
-            u_hat = self.model.decompress_token(payload.token, None)
-            x_hat = to_8bit(self.model.keyframe_codec.decompress(payload.image, self.resolution))
+            u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload), self.resolution)
             add_reference(self.model, st, x_hat, u_hat, self.bank_size)
             return x_hat
         if not st.bank:
             raise BitstreamError("a frame before any keyframe")
         st.u_prev_hat = self.model.decompress_token(chunk.payload, st.u_prev_hat)
         st.since_keyframe += 1
-        return to_8bit(self.model.synthesize(st.u_prev_hat, st.bank))
+        return render(self.model, st.u_prev_hat, st.bank)

@@ -1,0 +1,1 @@
+"""Real-time calls: imfc packets over WebRTC (aiortc), a network impairment layer, simulation."""

@@ -1,0 +1,82 @@
+"""A call's measurements: quality against the source, bitrate, delivered frame rate, latency."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from pytorch_msssim import ms_ssim
+
+from rtc.playout import Outcome, PlayedFrame
+
+MIN_MSSSIM_SIZE = 161  # 5-scale MS-SSIM with an 11-pixel window needs frames larger than 160
+
+
+def frame_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / max(mse, 1e-10)))
+
+
+def frame_msssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    if min(a.shape[:2]) < MIN_MSSSIM_SIZE:
+        return None
+    x, y = (torch.from_numpy(np.ascontiguousarray(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
+    return float(ms_ssim(x, y, data_range=1.0))
+
+
+@dataclass
+class CallReport:
+    frames: int  # source frames; the output has exactly this many
+    keyframes: int  # shown, per outcome
+    tokens: int
+    concealed: int
+    held: int  # lost, late, not sent or not rendered in time: the previous picture again
+    not_sent: int  # of the held: frames the sender skipped (waiting for its first reference, or busy)
+    keyframes_sent: int
+    keyframe_requests: int
+    packets_sent: int
+    packets_lost: int  # by the impairment layer (media direction)
+    kbps: float  # imfc packets, headers included, sender -> receiver
+    feedback_kbps: float  # receiver -> sender
+    delivered_fps: float  # new pictures shown per second of source time
+    psnr: float  # mean over all frames (held ones included) against the source, at the model's size
+    msssim: float | None
+    latency_ms_mean: float | None  # capture to display, over shown frames
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+
+    def lines(self) -> str:
+        d = asdict(self)
+        return "\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in d.items())
+
+
+def quality(played: list[PlayedFrame], source: list[np.ndarray]) -> tuple[list[float], list[float | None]]:
+    """Per-frame PSNR and MS-SSIM of the pictures shown against the source frames."""
+    n = min(len(played), len(source))
+    return ([frame_psnr(p.image, s) for p, s in zip(played[:n], source[:n])],
+            [frame_msssim(p.image, s) for p, s in zip(played[:n], source[:n])])
+
+
+def summarize(played: list[PlayedFrame], source: list[np.ndarray], fps: float, captured: list[float],
+              *, not_sent: int, keyframes_sent: int, keyframe_requests: int, packets_sent: int,
+              packets_lost: int, media_bytes: int, feedback_bytes: int) -> CallReport:
+    """``captured``: clock time each frame was captured, same clock as ``PlayedFrame.shown_at``."""
+    count = {o: sum(p.outcome == o for p in played) for o in Outcome}
+    seconds = max(len(played), 1) / fps
+    latency = [1000 * (p.shown_at - captured[p.frame]) for p in played
+               if p.shown_at is not None and p.frame < len(captured)]
+    psnr, msssim = quality(played, source)
+    ms = [v for v in msssim if v is not None]
+    return CallReport(
+        frames=len(played), keyframes=count[Outcome.KEYFRAME], tokens=count[Outcome.TOKEN],
+        concealed=count[Outcome.CONCEALED], held=count[Outcome.HELD], not_sent=not_sent,
+        keyframes_sent=keyframes_sent, keyframe_requests=keyframe_requests, packets_sent=packets_sent,
+        packets_lost=packets_lost, kbps=8 * media_bytes / 1000 / seconds,
+        feedback_kbps=8 * feedback_bytes / 1000 / seconds,
+        delivered_fps=(len(played) - count[Outcome.HELD]) / seconds,
+        psnr=float(np.mean(psnr)) if psnr else float("nan"), msssim=float(np.mean(ms)) if ms else None,
+        latency_ms_mean=float(np.mean(latency)) if latency else None,
+        latency_ms_p50=float(np.percentile(latency, 50)) if latency else None,
+        latency_ms_p95=float(np.percentile(latency, 95)) if latency else None,
+    )
