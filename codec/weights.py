@@ -1,7 +1,8 @@
 """Model weights as safetensors (no pickle): save, load, and the shipped default model.
 
-A weights file holds the state dict (floating tensors in fp16, the entropy coder's integer CDF
-tables as they are) and, as metadata, the preset name and the full config. ``model_id`` is a hash
+A weights file holds the state dict (parameters in fp16; buffers as they are: the entropy coder's
+integer CDF tables, and float constants such as CompressAI's likelihood bound of 1e-9, which fp16
+would round to 0) and, as metadata, the preset name and the full config. ``model_id`` is a hash
 of the tensors; bitstreams record it so decoding with another model fails clearly.
 """
 
@@ -42,7 +43,8 @@ def save_weights(model: IMFCodec, path: Path) -> None:
         for p in model.parameters():
             p.copy_(p.half().float())
     model.build_entropy_tables()
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    params = {n for n, _ in model.named_parameters()}
+    tensors = {k: (v.half() if k in params else v).contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

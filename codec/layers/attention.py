@@ -20,6 +20,8 @@ from einops import rearrange
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from codec.layers.warp import resize_flow, warp
+
 
 def sinusoidal_positions(height: int, width: int, num_freqs: int, device: torch.device) -> Tensor:
     """Fixed 2D sinusoidal embedding of normalised coordinates in [-1, 1] -> (y*x, 4*num_freqs)."""
@@ -48,12 +50,13 @@ class DenseKV:
     k: Tensor
     v: Tensor
     dist2: Tensor
+    pos: Tensor  # (s, 2) each key's (y, x) position
     log_prior: float = 0.0
 
     @staticmethod
     def from_tokens(k: Tensor, v: Tensor, size: tuple[int, int]) -> "DenseKV":
         grid = _grid(*size, k.device)
-        return DenseKV(k, v, torch.cdist(grid, grid).square())
+        return DenseKV(k, v, torch.cdist(grid, grid).square(), grid)
 
     @staticmethod
     def bank(items: list["DenseKV"]) -> "DenseKV":
@@ -63,6 +66,7 @@ class DenseKV:
             torch.cat([i.k for i in items], 2),
             torch.cat([i.v for i in items], 2),
             torch.cat([i.dist2 for i in items], 1),
+            torch.cat([i.pos for i in items]),
             -math.log(len(items)),
         )
 
@@ -89,6 +93,25 @@ class WindowKV:
             return items[0]
         shared = None if items[0].shared is None else [t for i in items for t in i.shared]
         return WindowKV([t for i in items for t in i.k], [t for i in items for t in i.v], shared, items[0].window)
+
+    def warped(self, flow: Tensor, pixel_stride: int) -> "WindowKV":
+        """The same references moved by flow (b, 2, y, x), in pixels of this map, so that each query's
+        window is centred where the flow points; shared pixels are warped at full resolution."""
+        p = self.window // 2
+
+        def inner(maps: Tensor) -> Tensor:
+            return maps[..., p:maps.shape[-2] - p, p:maps.shape[-1] - p]
+
+        def move(maps: Tensor) -> Tensor:  # (b, h, c, y+2p, x+2p)
+            m = inner(maps)
+            return F.pad(warp(m.flatten(1, 2), flow).reshape(m.shape), (p,) * 4)
+
+        shared = None
+        if self.shared is not None:
+            full = resize_flow(flow, (flow.shape[-2] * pixel_stride, flow.shape[-1] * pixel_stride))
+            shared = [F.pad(F.pixel_unshuffle(warp(F.pixel_shuffle(inner(s), pixel_stride), full), pixel_stride),
+                            (p,) * 4) for s in self.shared]
+        return WindowKV([move(k) for k in self.k], [move(v) for v in self.v], shared, self.window)
 
     def dist2(self, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Squared offset of each window position (y, x, s), and an additive mask (y, x, s) that is
@@ -123,14 +146,22 @@ class ExtraTokens(nn.Module):
         self.logit = nn.Parameter(torch.full((heads, count), -8.0))
 
 
-def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> Tensor:
-    """q (b, h, n, d) -> (b, h, n, e), by scaled_dot_product_attention with the locality bias."""
+def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> tuple[Tensor, Tensor]:
+    """q (b, h, n, d) -> values (b, h, n, e) and the key position the queries attend to, averaged over
+    heads (b, n, 2), by scaled_dot_product_attention with the locality bias."""
     b, h, n, _ = q.shape
+    s, e = kv.v.shape[-2:]
     bias = kv.log_prior - log_locality.exp()[:, None, None] * kv.dist2  # (h, n, s)
     bias = torch.cat([bias, extra.logit[:, None, :].expand(h, n, -1)], -1)
     k = torch.cat([kv.k, extra.k.expand(b, -1, -1, -1)], 2)
-    v = torch.cat([kv.v, extra.v.expand(b, -1, -1, -1)], 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    # three more value channels, (y, x, 1) for keys and zeros for extra tokens, make the same softmax
+    # give the attended position (normalised by the mass on real keys)
+    where = torch.cat([kv.pos, kv.pos.new_ones(s, 1)], -1).expand(b, h, s, 3)
+    v = torch.cat([torch.cat([kv.v, where], -1),
+                   F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1)], 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    pos = out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
+    return out[..., :e], pos
 
 
 def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None
@@ -174,21 +205,22 @@ class CrossAttention(nn.Module):
     """Implicit motion alignment at one scale: Q = m_c, K = m_r, V = f_r (and reference pixels).
 
     Values are the reference's dense features split across heads, unprojected, so the output is a
-    learned warp of f_r. Optional ``pixel_dim`` channels (the reference frame, pixel-unshuffled to
-    this scale) are shared by every head: a direct path for fine detail. With ``window`` set,
-    each query attends to a window x window neighbourhood of every reference; otherwise to all
-    positions.
+    learned warp of f_r. With ``pixel_stride`` set, the reference frame, pixel-unshuffled to this
+    scale, rides along as values shared by every head: a direct path for fine detail. With ``window``
+    set, each query attends to a window x window neighbourhood of every reference (centred where a
+    coarser scale's attention points, when given a flow); otherwise to all positions.
     """
 
     def __init__(self, dim: int, head_dim: int, window: int | None, locality: float, extra_tokens: int,
-                 pixel_dim: int = 0, num_freqs: int = 8):
+                 pixel_stride: int = 0, num_freqs: int = 8):
         super().__init__()
-        if pixel_dim and window is None:
+        if pixel_stride and window is None:
             raise ValueError("shared pixel values are only supported with windowed attention")
         self.heads = dim // head_dim
         self.window = window
         self.num_freqs = num_freqs
-        self.pixel_dim = pixel_dim
+        self.pixel_stride = pixel_stride
+        pixel_dim = 3 * pixel_stride**2
         self.norm = nn.LayerNorm(dim)
         self.pos = nn.Linear(4 * num_freqs, dim)
         self.to_q = nn.Linear(dim, dim)
@@ -211,18 +243,24 @@ class CrossAttention(nn.Module):
             return DenseKV.from_tokens(k, rearrange(f_r, "b (h e) y x -> b h (y x) e", h=self.heads), size)
         k = rearrange(k, "b h (y x) d -> b h d y x", y=size[0])
         v = rearrange(f_r, "b (h e) y x -> b h e y x", h=self.heads)
-        return WindowKV.from_maps(k, v, pixels if self.pixel_dim else None, self.window)
+        return WindowKV.from_maps(k, v, pixels if self.pixel_stride else None, self.window)
 
-    def forward(self, m_c: Tensor, kv: DenseKV | WindowKV) -> tuple[Tensor, Tensor | None]:
-        """m_c (b, c, y, x) -> aligned features (b, c, y, x), aligned pixels (b, p, y, x) or None."""
-        y = m_c.shape[-2]
+    def forward(self, m_c: Tensor, kv: DenseKV | WindowKV, flow: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """m_c (b, c, y, x) -> aligned features (b, c, y, x), aligned pixels (b, p, y, x) or None, and
+        for global attention the displacement to the attended position (b, 2, y, x) in pixels of this
+        map. A windowed scale takes such a displacement as ``flow`` and centres its windows there."""
+        y, x = m_c.shape[-2:]
         q = self._embed(m_c, self.to_q)
         if isinstance(kv, DenseKV):
-            out = attend_dense(q, kv, self.log_locality, self.extra)
-            return rearrange(out, "b h (y x) e -> b (h e) y x", y=y), None
+            out, pos = attend_dense(q, kv, self.log_locality, self.extra)
+            displacement = rearrange(pos - _grid(y, x, pos.device), "b (y x) t -> b t y x", y=y)
+            return rearrange(out, "b h (y x) e -> b (h e) y x", y=y), None, displacement
+        if flow is not None:
+            kv = kv.warped(flow, self.pixel_stride)
         q = rearrange(q, "b h (y x) d -> b h d y x", y=y)
         out, pixels = attend_window(q, kv, self.log_locality, self.extra)
-        return rearrange(out, "b h e y x -> b (h e) y x"), pixels
+        return rearrange(out, "b h e y x -> b (h e) y x"), pixels, None
 
 
 class TransformerBlock(nn.Module):

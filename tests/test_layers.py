@@ -1,0 +1,61 @@
+import math
+
+import torch
+
+from codec.layers.attention import CrossAttention, DenseKV, WindowKV, attend_dense
+from codec.layers.warp import resize_flow, warp
+
+
+def test_warp_by_zero_is_identity_and_by_whole_pixels_is_a_shift():
+    maps = torch.rand(2, 3, 8, 10)
+    assert torch.allclose(warp(maps, torch.zeros(2, 2, 8, 10)), maps, atol=1e-6)
+    flow = torch.zeros(2, 2, 8, 10)
+    flow[:, 0], flow[:, 1] = 1.0, -2.0  # every position reads one row down, two columns left
+    out = warp(maps, flow)
+    assert torch.allclose(out[..., :-1, 2:], maps[..., 1:, :-2], atol=1e-6)
+    assert torch.allclose(out[..., -1, 2:], maps[..., -1, :-2], atol=1e-6)  # reads past the edge are clamped to it
+
+
+def test_resize_flow_rescales_units_with_the_grid():
+    flow = torch.ones(1, 2, 4, 6)
+    up = resize_flow(flow, (8, 18))
+    assert up.shape == (1, 2, 8, 18)
+    assert torch.allclose(up[:, 0], torch.full((1, 8, 18), 2.0))
+    assert torch.allclose(up[:, 1], torch.full((1, 8, 18), 3.0))
+
+
+def test_dense_attention_reports_the_attended_position():
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 4, None, locality=1.0, extra_tokens=2)
+    h, y, x = 2, 4, 4
+    k = torch.zeros(1, h, y * x, 4)
+    kv = DenseKV.from_tokens(k, torch.rand(1, h, y * x, 4), (y, x))
+    # a query that matches only key (2, 3) strongly, everywhere: the attended position is (2, 3)
+    k[..., 2 * x + 3, :] = 10.0
+    q = torch.ones(1, h, y * x, 4) * 10.0
+    out, pos = attend_dense(q, kv, torch.full((h,), math.log(1e-4)), attn.extra)
+    assert out.shape == (1, h, y * x, 4)
+    assert torch.allclose(pos, torch.tensor([2.0, 3.0]).expand(1, y * x, 2), atol=1e-3)
+    # with a strong locality prior and uninformative keys, every query attends to itself: no motion
+    _, pos = attend_dense(torch.zeros_like(q), kv, torch.full((h,), math.log(50.0)), attn.extra)
+    grid = torch.stack(torch.meshgrid(torch.arange(y), torch.arange(x), indexing="ij"), -1).reshape(-1, 2)
+    assert torch.allclose(pos[0], grid.float(), atol=1e-4)
+
+
+def test_guided_window_attention_follows_the_flow():
+    """A whole-pixel flow moves the windowed attention's output (features and pixels) with it."""
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 4, window=3, locality=50.0, extra_tokens=1, pixel_stride=2).eval()
+    m_r, f_r = torch.zeros(1, 8, 6, 6), torch.rand(1, 8, 6, 6)
+    pixels = torch.nn.functional.pixel_unshuffle(torch.rand(1, 3, 12, 12), 2)
+    kv = attn.prepare(m_r, f_r, pixels)
+    assert isinstance(kv, WindowKV)
+    flow = torch.zeros(1, 2, 6, 6)
+    flow[:, 1] = 1.0  # read one column to the right
+    with torch.no_grad():
+        still, still_px, _ = attn(torch.zeros(1, 8, 6, 6), kv)
+        moved, moved_px, _ = attn(torch.zeros(1, 8, 6, 6), kv, flow)
+    # (up to the learned extra tokens' ~e^-8 share, which sees slightly different keys)
+    assert torch.allclose(moved[..., 1:-1, :-2], still[..., 1:-1, 1:-1], atol=1e-3)
+    assert torch.allclose(moved_px[..., 1:-1, :-2], still_px[..., 1:-1, 1:-1], atol=1e-3)
+    assert not torch.allclose(moved, still, atol=1e-2)
