@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -5,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from codec.model import build_model
 from codec.weights import load_weights, save_weights
 from train.config import PRESETS, parse_config
 from train.data import ClipCache, Split, TripletSampler, make_split
@@ -87,6 +90,7 @@ def test_train_end_to_end_and_export(cache_dir, tmp_path):
     state = train(cfg)
     out = cfg.out_dir
     assert (out / "train.csv").exists() and (out / "val.csv").exists() and list(out.glob("val_*.png"))
+    assert list((out / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
     model = load_weights(out / "weights.safetensors")
     # the exported weights reproduce the (fp16-rounded) trained model's outputs
     reference = state.model
@@ -97,6 +101,10 @@ def test_train_end_to_end_and_export(cache_dir, tmp_path):
     x = [torch.rand(1, 3, 64, 64) for _ in range(3)]
     with torch.no_grad():
         assert torch.equal(model(*x).x_hat, reference(*x).x_hat)
+    # constants survive the fp16 export (CompressAI's likelihood bound, 1e-9, is 0 in fp16)
+    for (n, a), (_, b) in zip(model.state_dict().items(), build_model(model.cfg).state_dict().items()):
+        if n.endswith("likelihood_lower_bound.bound") or n.endswith("pedestal"):
+            assert torch.equal(a, b) and a.item() > 0, n
     # a second export of the loaded model is byte-identical in its tensors
     save_weights(model, tmp_path / "again.safetensors")
     again = load_weights(tmp_path / "again.safetensors")
@@ -107,3 +115,19 @@ def test_train_end_to_end_and_export(cache_dir, tmp_path):
 def test_cli_overrides():
     cfg = parse_config(["tiny", "--steps", "7", "--lr", "0.01", "--out", "/tmp/x"])
     assert (cfg.steps, cfg.lr, cfg.out, cfg.model) == (7, 0.01, "/tmp/x", "tiny")
+
+
+def test_data_parallel_under_torchrun_keeps_replicas_identical(cache_dir, tmp_path):
+    """Two gloo processes train the tiny preset; the loop compares the replicas' parameters at every
+    checkpoint and fails the run if they differ. Then the run resumes on two processes."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", "tiny",
+           "--data", str(cache_dir), "--split", str(cache_dir / "split.json"), "--out", str(out), "--threads", "1"]
+    done = subprocess.run(cmd + ["--steps", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and len(ckpt["sampler"]) == 2
+    assert ckpt["sampler"][0] != ckpt["sampler"][1], "replicas must draw different samples"
+    done = subprocess.run(cmd + ["--steps", "6"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed" in done.stdout and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6

@@ -3,7 +3,11 @@
 Stages: reconstruction first (rate weights at zero, quantization noise on), then the rate weights
 ramp in. Two optimizers as CompressAI prescribes: AdamW for the network, Adam for the entropy
 bottlenecks' quantiles (their auxiliary loss). A checkpoint holds everything needed for an exact
-resume: model, optimizers, scheduler, step and the data sampler's RNG.
+resume: model, optimizers, scheduler, step and every replica's data sampler and noise RNG.
+
+Under torchrun the network trains with DistributedDataParallel (each replica draws its own share
+of the batch); the entropy bottlenecks' quantiles, which only the auxiliary loss trains, are kept
+out of DDP and averaged by hand. Metrics go to CSV and TensorBoard (``tb/`` in the run folder).
 """
 
 from __future__ import annotations
@@ -15,19 +19,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from compressai.entropy_models import EntropyBottleneck
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from codec.config import get_config
 from codec.model import IMFCodec, build_model
 from codec.weights import load_weights, save_weights
+from entropy.coding import bits
 from train.config import TrainConfig
 from train.data import ClipCache, Split, TripletSampler, validation_triplets
-from entropy.coding import bits
+from train.distributed import World, all_average, assert_replicas_equal, close_world, gather, init_world
 from train.losses import msssim, psnr, rd_loss
+
+SINGLE = World(0, 1, torch.device("cpu"))
 
 
 @dataclass
@@ -37,6 +47,12 @@ class TrainState:
     aux_optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
+    world: World = SINGLE
+    net: nn.Module | None = None  # what the forward pass calls: the model, or its DDP wrapper
+
+    def __post_init__(self) -> None:
+        if self.net is None:
+            self.net = self.model
 
 
 @dataclass
@@ -60,10 +76,19 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return [p for p in model.parameters() if id(p) not in aux_ids], aux
 
 
-def build_state(cfg: TrainConfig) -> TrainState:
+def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
     model = load_weights(Path(cfg.init).expanduser()) if cfg.init else build_model(get_config(cfg.model))
-    model.train()
+    model.to(world.device).train()
     params, aux = split_parameters(model)
+    net = model
+    if world.size > 1:  # DDP broadcasts rank 0's parameters, so replicas start equal
+        aux_ids = {id(p) for p in aux}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, p in model.named_parameters() if id(p) in aux_ids])
+        net = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+        for p in aux:
+            torch.distributed.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr)
 
@@ -73,7 +98,8 @@ def build_state(cfg: TrainConfig) -> TrainState:
         progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return TrainState(model, optimizer, aux_optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return TrainState(model, optimizer, aux_optimizer, scheduler, world=world, net=net)
 
 
 def ramp(start: int, length: int, step: int) -> float:
@@ -87,8 +113,11 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     model = state.model
     w_key = ramp(cfg.rate_start, cfg.rate_ramp, state.step)
     w_token = ramp(cfg.token_rate_start, cfg.rate_ramp, state.step)
-    out = model(x_ref, x_prev, x_cur)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.world.device.type == "cuda"):
+        out = state.net(x_ref, x_prev, x_cur)
     terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight)
+    if not torch.isfinite(terms.loss):  # stop here: one step of inf gradients turns every weight into NaN
+        raise FloatingPointError(f"non-finite loss at step {state.step + 1}: {terms}")
     state.optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
     nn.utils.clip_grad_norm_(state.optimizer.param_groups[0]["params"], cfg.grad_clip)
@@ -97,6 +126,7 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     aux = model.aux_loss()
     state.aux_optimizer.zero_grad(set_to_none=True)
     aux.backward()
+    all_average([p.grad for p in state.aux_optimizer.param_groups[0]["params"]], state.world)
     state.aux_optimizer.step()
     state.step += 1
     return StepMetrics(state.step, state.scheduler.get_last_lr()[0], terms.loss.item(), terms.psnr, terms.msssim,
@@ -134,6 +164,10 @@ def save_grid(images: tuple[Tensor, ...], path: Path, rows: int = 4) -> None:
 
 
 def save_checkpoint(state: TrainState, sampler: TripletSampler, cfg: TrainConfig) -> None:
+    """Every replica calls this (RNG states are gathered); the main one writes."""
+    samplers, rngs = gather(sampler.state(), state.world), gather(torch.get_rng_state(), state.world)
+    if not state.world.is_main:
+        return
     path = cfg.out_dir / "checkpoint.pt"
     torch.save({
         "model": state.model.state_dict(),
@@ -141,22 +175,26 @@ def save_checkpoint(state: TrainState, sampler: TripletSampler, cfg: TrainConfig
         "aux_optimizer": state.aux_optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "step": state.step,
-        "sampler": sampler.state(),
-        "torch_rng": torch.get_rng_state(),
+        "sampler": samplers,  # one per replica, in rank order
+        "torch_rng": rngs,
         "config": asdict(cfg),
     }, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
 
 
 def load_checkpoint(state: TrainState, sampler: TripletSampler, path: Path) -> None:
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = torch.load(path, weights_only=True, map_location=state.world.device)
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.step = ckpt["step"]
-    sampler.load_state(ckpt["sampler"])
-    torch.set_rng_state(ckpt["torch_rng"])
+    # checkpoints before data-parallel training held one state, not a list
+    samplers = ckpt["sampler"] if isinstance(ckpt["sampler"], list) else [ckpt["sampler"]]
+    rngs = ckpt["torch_rng"] if isinstance(ckpt["torch_rng"], list) else [ckpt["torch_rng"]]
+    if len(samplers) == state.world.size:  # same world: continue each replica's streams exactly
+        sampler.load_state(samplers[state.world.rank])
+        torch.set_rng_state(rngs[state.world.rank].cpu())
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -169,37 +207,62 @@ def _append_csv(path: Path, row: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> TrainState:
+    world = init_world()
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, world: World) -> TrainState:
+    if cfg.batch_size % world.size:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {world.size} processes")
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + world.rank)
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    main = world.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     split = Split.load(Path(cfg.split))
-    sampler = TripletSampler(ClipCache(cfg.data_dir, split.train), cfg.resolution, cfg.batch_size, cfg.seed)
-    val_triplets = validation_triplets(ClipCache(cfg.data_dir, split.val), cfg.resolution)
+    sampler = TripletSampler(ClipCache(cfg.data_dir, split.train), cfg.resolution, cfg.batch_size // world.size,
+                             cfg.seed + world.rank)
+    val_triplets = validation_triplets(ClipCache(cfg.data_dir, split.val), cfg.resolution).to(world.device)
 
-    state = build_state(cfg)
+    state = build_state(cfg, world)
     if (out / "checkpoint.pt").exists():
         load_checkpoint(state, sampler, out / "checkpoint.pt")
-        print(f"resumed from {out / 'checkpoint.pt'} at step {state.step}")
+        if main:
+            print(f"resumed from {out / 'checkpoint.pt'} at step {state.step}")
 
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    tb = SummaryWriter(out / "tb", purge_step=state.step) if main else None
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     while state.step < cfg.steps:
-        m = train_step(state, sampler.sample(), cfg)
+        m = train_step(state, sampler.sample().to(world.device), cfg)
         bar.update(1)
         bar.set_postfix(loss=f"{m.loss:.4f}", psnr=f"{m.psnr:.2f}", bpp=f"{m.bpp_token + m.bpp_key:.4f}")
-        if m.step % cfg.log_every == 0:
+        if main and m.step % cfg.log_every == 0:
             _append_csv(out / "train.csv", asdict(m))
-        if m.step % cfg.val_every == 0 or m.step == cfg.steps:
+            for k, x in asdict(m).items():
+                if k != "step":
+                    tb.add_scalar(f"train/{k}", x, m.step)
+        if main and (m.step % cfg.val_every == 0 or m.step == cfg.steps):
             v = validate(state.model, val_triplets, out / f"val_{m.step:06d}.png")
             _append_csv(out / "val.csv", {"step": m.step, **v})
+            for k, x in v.items():
+                tb.add_scalar(f"val/{k}", x, m.step)
+            tb.add_image("val/ref_target_recon_key", np.asarray(Image.open(out / f"val_{m.step:06d}.png")), m.step,
+                         dataformats="HWC")
             bar.write(f"step {m.step}: val " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
         if m.step % cfg.ckpt_every == 0 or m.step == cfg.steps:
+            assert_replicas_equal(state.model, world)
             save_checkpoint(state, sampler, cfg)
     bar.close()
-    export = build_model(state.model.cfg)
-    export.load_state_dict(state.model.state_dict())
-    save_weights(export, out / "weights.safetensors")
-    print(f"weights: {out / 'weights.safetensors'}")
+    if main:
+        tb.close()
+        export = build_model(state.model.cfg)
+        export.load_state_dict(state.model.state_dict())
+        save_weights(export, out / "weights.safetensors")
+        print(f"weights: {out / 'weights.safetensors'}")
     return state
