@@ -1,0 +1,142 @@
+"""Rate-distortion evaluation: the same frames of a clip through imfc at several operating points
+and through the conventional anchors at several CRFs, each scored with every metric.
+
+Every codec sees identical input: the first ``frames`` frames of the clip, the centered square
+crop that ``imfc encode`` takes (``codec.files``), resized to the model's resolution, at the clip's
+own frame rate. imfc's bytes are the whole ``.imfc`` file it would write (header, chunk framing,
+keyframes and tokens); its decoded frames are the encoder's closed-loop reconstructions, which a
+decoder reproduces bit-exactly (``tests/test_pipeline.py``). Anchor bytes are the whole
+elementary stream (``codec.anchors``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from codec.anchors import Anchor, round_trip
+from codec.metrics import FrameScores, score
+from codec.model import IMFCodec
+from codec.pipeline import Encoder, EncoderSettings
+from codec.video_io import VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
+from codec.weights import model_id
+from entropy.bitstream import ChunkType, Header, write_stream
+from entropy.coding import bits_to_kbps
+
+IMFC = "imfc"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    frames: int = 125  # per clip, from the start (5 s at 25 fps)
+    # imfc's rate is set by how often it sends a keyframe: on quality (the floor) or on a timer
+    imfc: tuple[EncoderSettings, ...] = (
+        EncoderSettings(quality_floor=0.0),  # one keyframe, then tokens only: imfc's lowest rate
+        EncoderSettings(quality_floor=18.0),
+        EncoderSettings(quality_floor=20.0),  # the shipped default
+        EncoderSettings(quality_floor=22.0, max_keyframe_interval=10),
+        EncoderSettings(quality_floor=24.0, max_keyframe_interval=5),
+    )
+    # CRFs down to each anchor's lowest rate at 256x256 (x264/x265 cannot go below ~10-20 kbps)
+    crfs: tuple[tuple[Anchor, tuple[int, ...]], ...] = (
+        (Anchor.X264, (51, 45, 39)),
+        (Anchor.X265, (51, 45, 39)),
+        (Anchor.SVTAV1, (63, 55, 47)),
+    )
+    vmaf: bool = True
+    samples: int = 3  # frames kept per point for the side-by-side picture
+
+
+@dataclass
+class Clip:
+    name: str
+    path: Path
+    fps: Fraction
+    frames: np.ndarray  # (T, R, R, 3) uint8, what every codec codes
+
+    @property
+    def samples(self) -> list[int]:
+        return sample_indices(len(self.frames))
+
+
+def sample_indices(frames: int, count: int = 3) -> list[int]:
+    """Evenly spread frames, past the first (every codec's keyframe looks alike)."""
+    return sorted({min(frames - 1, frames * (k + 1) // (count + 1)) for k in range(count)})
+
+
+@dataclass
+class RDPoint:
+    clip: str
+    codec: str  # "imfc" or an Anchor value
+    setting: str  # e.g. "floor 20 dB, keyint 250" or "crf 47"
+    frames: int
+    fps: float
+    bytes: int
+    kbps: float
+    keyframes: int
+    encode_fps: float  # wall clock, for orientation only (shared CPU): `imfc bench` measures speed
+    psnr_rgb: float = 0.0
+    psnr_y: float = 0.0
+    ssim: float = 0.0
+    ms_ssim: float = 0.0
+    vmaf: float = 0.0
+    gmsd: float = 0.0
+
+
+@dataclass
+class CodedPoint:
+    point: RDPoint
+    scores: FrameScores
+    samples: np.ndarray = field(repr=False)  # (S, R, R, 3) decoded frames at Clip.samples
+
+
+def load_clip(path: Path, resolution: int, frames: int) -> Clip:
+    info = probe(path)
+    box = center_box(info.width, info.height)
+    x = np.array([crop_resize(f, box, resolution) for f in read_frames(path, limit=frames)])
+    if len(x) == 0:
+        raise VideoError(f"{path}: contains no frames")
+    fps = info.fps if info.fps > 0 else Fraction(25)
+    return Clip(Path(path).stem, Path(path), fps, x)
+
+
+def imfc_setting(s: EncoderSettings) -> str:
+    return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}"
+
+
+def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[int, int, np.ndarray, float]:
+    """-> (bytes of the .imfc file, keyframes, decoded (T, R, R, 3) uint8, encoder frames/s)."""
+    encoder = Encoder(model, settings)
+    r = model.cfg.resolution
+    start = time.perf_counter()
+    coded = [encoder.encode(to_tensor(f)) for f in clip.frames]
+    seconds = time.perf_counter() - start
+    header = Header(preset=model.cfg.name, model_id=model_id(model), width=r, height=r,
+                    fps_num=clip.fps.numerator, fps_den=clip.fps.denominator, frames=len(coded),
+                    bank_size=settings.bank_size, source_width=r, source_height=r, crop_left=0, crop_top=0, crop_size=r)
+    size = len(write_stream(header, [c.chunk for c in coded]))
+    keyframes = sum(c.chunk.type == ChunkType.KEYFRAME for c in coded)
+    return size, keyframes, np.array([to_uint8(c.x_hat) for c in coded]), len(coded) / seconds
+
+
+def _point(clip: Clip, codec: str, setting: str, size: int, keyframes: int, x_hat: np.ndarray, encode_fps: float,
+           with_vmaf: bool) -> CodedPoint:
+    scores = score(clip.frames, x_hat, clip.fps, with_vmaf)
+    point = RDPoint(clip.name, codec, setting, len(x_hat), float(clip.fps), size,
+                    bits_to_kbps(8 * size, len(x_hat), float(clip.fps)), keyframes, encode_fps, **scores.means())
+    return CodedPoint(point, scores, x_hat[clip.samples])
+
+
+def evaluate_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings, with_vmaf: bool = True) -> CodedPoint:
+    size, keyframes, x_hat, fps = code_imfc(model, clip, settings)
+    return _point(clip, IMFC, imfc_setting(settings), size, keyframes, x_hat, fps, with_vmaf)
+
+
+def evaluate_anchor(anchor: Anchor, clip: Clip, crf: int, with_vmaf: bool = True) -> CodedPoint:
+    result = round_trip(anchor, list(clip.frames), clip.fps, crf, threads=1)
+    fps = len(clip.frames) / max(sum(result.encode_seconds), 1e-9)
+    return _point(clip, anchor.value, f"crf {crf}", result.bytes, 1, np.array(result.frames), fps, with_vmaf)

@@ -1,0 +1,121 @@
+"""imfc eval and imfc bench end to end on a tiny synthetic clip with the tiny model, and the anchors."""
+
+import csv
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from codec.anchors import Anchor, round_trip
+from codec.files import encode_file
+from codec.metrics import vmaf_available
+from codec.pipeline import EncoderSettings
+from codec.weights import load_weights
+from tools import bench
+from tools import eval as eval_tool
+
+from .conftest import moving_square_clip
+from .test_cli_errors import check_error
+
+FRAMES = 6
+
+
+@pytest.mark.parametrize("anchor", list(Anchor))
+def test_anchor_round_trip(anchor):
+    frames = list(moving_square_clip(FRAMES, 64))
+    low, high = (63 if anchor is Anchor.SVTAV1 else 51), 20
+    coarse = round_trip(anchor, frames, Fraction(25), low)
+    fine = round_trip(anchor, frames, Fraction(25), high)
+    assert len(coarse.frames) == len(fine.frames) == FRAMES
+    assert coarse.frames[0].shape == (64, 64, 3) and coarse.frames[0].dtype == np.uint8
+    assert 0 < coarse.bytes < fine.bytes
+    err = [np.abs(a.astype(int) - b).mean() for a, b in zip(frames, fine.frames)]
+    assert max(err) < 8  # a fine CRF decodes close to the source: frames are neither lost nor reordered
+
+
+def test_anchor_rejects_bad_crf():
+    with pytest.raises(ValueError, match="CRF"):
+        round_trip(Anchor.X264, list(moving_square_clip(2, 64)), Fraction(25), 60)
+
+
+@pytest.fixture(scope="module")
+def eval_out(tiny_weights, synthetic_video, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "result"
+    args = [str(synthetic_video), "--out", str(out), "--weights", str(tiny_weights), "--frames", str(FRAMES),
+            "--imfc-points", "0:250,0:2", "--x264-crf", "51,35", "--x265-crf", "", "--svtav1-crf", "", "-q"]
+    if not vmaf_available():
+        args.append("--no-vmaf")
+    assert eval_tool.main(args) == 0
+    return out
+
+
+def test_eval_writes_every_output(eval_out):
+    names = {p.name for p in eval_out.iterdir()}
+    assert {"points.csv", "points.json", "frames.csv", "summary.md", "side_by_side_square.png",
+            "rd_psnr_rgb.png", "rd_ms_ssim.png", "rd_gmsd.png"} <= names
+    assert not list(eval_out.parent.glob(".*.part"))
+    summary = (eval_out / "summary.md").read_text()
+    assert "| x264 | PSNR RGB (dB) |" in summary and "imfc eval" in summary and "zerolatency" in summary
+
+
+def test_eval_points_are_consistent(eval_out, tiny_weights, synthetic_video, tmp_path):
+    data = json.loads((eval_out / "points.json").read_text())
+    points = data["points"]
+    assert {p["codec"] for p in points} == {"imfc", "x264"}
+    assert len([p for p in points if p["codec"] == "imfc"]) == 2 and len(points) == 4
+    for p in points:
+        assert p["bytes"] > 0 and p["frames"] == FRAMES and p["fps"] == 25
+        assert p["kbps"] == pytest.approx(p["bytes"] * 8 / (FRAMES / 25) / 1000)
+        assert 5 < p["psnr_rgb"] < 100 and 0 < p["ms_ssim"] <= 1 and p["gmsd"] >= 0
+    imfc = {p["setting"]: p for p in points if p["codec"] == "imfc"}
+    # --max-keyframe-interval 2: two token frames between keyframes, so frames 0 and 3 are keyframes
+    assert imfc["floor 0 dB, keyint 2"]["keyframes"] == 2 and imfc["floor 0 dB, keyint 250"]["keyframes"] == 1
+    # imfc's bytes are exactly those of the file `imfc encode` writes for the same frames
+    model = load_weights(tiny_weights)
+    s = encode_file(synthetic_video, tmp_path / "c.imfc", model, EncoderSettings(0.0, 250), max_frames=FRAMES, progress=False)
+    assert s.bytes == imfc["floor 0 dB, keyint 250"]["bytes"]
+    assert s.psnr == pytest.approx(imfc["floor 0 dB, keyint 250"]["psnr_rgb"], abs=0.01)
+    x264 = sorted((p for p in points if p["codec"] == "x264"), key=lambda p: p["kbps"])
+    assert x264[0]["setting"] == "crf 51" and x264[1]["psnr_rgb"] > x264[0]["psnr_rgb"]
+    assert {(e["anchor"], e["metric"]) for e in data["bd_rate"]} == {("x264", m) for m in ("psnr_rgb", "ms_ssim", "vmaf")}
+    with open(eval_out / "frames.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * FRAMES
+    mean = np.mean([float(r["psnr_rgb"]) for r in rows if r["codec"] == "x264" and r["setting"] == "crf 35"])
+    assert mean == pytest.approx(x264[1]["psnr_rgb"], abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", ["missing", "not_video"])
+def test_eval_bad_input(capsys, tiny_weights, synthetic_video, tmp_path, bad):
+    clip = tmp_path / "nope.mp4"
+    if bad == "not_video":
+        clip.write_text("hello")
+    out = tmp_path / "result"
+    code = eval_tool.main([str(synthetic_video), str(clip), "--out", str(out), "--weights", str(tiny_weights), "-q"])
+    check_error(capsys, code, "no such file" if bad == "missing" else "not a video", out)
+
+
+def test_eval_refuses_non_empty_out(capsys, tiny_weights, synthetic_video, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    code = eval_tool.main([str(synthetic_video), "--out", str(tmp_path), "--weights", str(tiny_weights), "-q"])
+    check_error(capsys, code, "not an empty folder")
+    assert (tmp_path / "keep.txt").exists()
+
+
+def test_bench_reports_imfc_and_x264(capsys, tiny_weights, synthetic_video, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main([str(synthetic_video), "--weights", str(tiny_weights), "--frames", "4", "--threads", "1",
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| imfc | 1 |" in text and "| x264 | 1 |" in text and "peak resident memory" in text
+    data = json.loads(out.read_text())
+    assert {(r["codec"], r["threads"]) for r in data["rows"]} == {("imfc", 1), ("x264", 1)}
+    for r in data["rows"]:
+        assert r["frames"] == 4 and r["encode_fps"] > 0 and r["decode_fps"] > 0
+        assert r["encode_p50_ms"] <= r["encode_p95_ms"] and r["encode_cpu_ms"] > 0
+    assert data["peak_rss_mb"]["end"] >= data["peak_rss_mb"]["after_imports"] > 0
+
+
+def test_bench_bad_input(capsys, tiny_weights, tmp_path):
+    check_error(capsys, bench.main([str(tmp_path / "nope.mp4"), "--weights", str(tiny_weights)]), "no such file")

@@ -1,0 +1,122 @@
+"""imfc bench VIDEO: encode/decode speed of imfc at the model's resolution on this CPU, with libx264
+on the same frames in the same run (so the result is also a ratio), model load time and peak memory.
+
+Prints a markdown table ready for BENCHMARKS.md; --json writes the numbers too. Wall-clock numbers
+depend on what else the machine runs: the table records the load average around the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from codec.pipeline import EncoderSettings
+from codec.rd_eval import load_clip
+from codec.speed import Speed, bench_imfc, bench_x264, peak_rss_mb
+from codec.video_io import VideoError, probe
+from codec.weights import load_weights, model_id
+from tools.errors import run
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(rows: list[Speed]) -> list[str]:
+    out = [("| codec | threads | encode fps | decode fps | encode p50 / p95 ms | decode p50 / p95 ms | "
+           "encode / decode CPU ms per frame | keyframes | kbps |"),
+           "|---|---|---|---|---|---|---|---|---|"]
+    for s in rows:
+        out.append(f"| {s.codec} | {s.threads} | {s.encode_fps:.1f} | {s.decode_fps:.1f} | {s.encode_p50_ms:.1f} / "
+                   f"{s.encode_p95_ms:.1f} | {s.decode_p50_ms:.1f} / {s.decode_p95_ms:.1f} | {s.encode_cpu_ms:.1f} / "
+                   f"{s.decode_cpu_ms:.1f} | {s.keyframes} | {s.kbps:.1f} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="imfc bench", description=__doc__)
+    parser.add_argument("input", type=Path, help="a video file; its centered square, resized to the model's resolution")
+    parser.add_argument("--frames", type=int, default=100, help="frames to code (default %(default)s)")
+    parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
+    parser.add_argument("--threads", type=int_list, default=(1, 2), help="thread counts to measure (default 1,2)")
+    parser.add_argument("--x264-crf", type=int, default=51, help="libx264 CRF (default %(default)s, its lowest rate)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    if args.frames < 2 or not args.threads or min(args.threads) < 1:
+        parser.error("--frames must be >= 2 and --threads positive")
+
+    def action() -> int:
+        probe(args.input)
+        if args.json is not None and not (args.json.parent if str(args.json.parent) else Path(".")).is_dir():
+            raise VideoError(f"{args.json}: output folder does not exist")
+        load_before = os.getloadavg()
+        rss_before = peak_rss_mb()
+        start = time.perf_counter()
+        model = load_weights(args.weights)
+        load_seconds = time.perf_counter() - start
+        settings = EncoderSettings()
+        clip = load_clip(args.input, model.cfg.resolution, args.frames)
+        rows = []
+        for t in args.threads:
+            rows.append(bench_imfc(model, clip.frames, clip.fps, t, settings))
+        rss_imfc = peak_rss_mb()
+        for t in args.threads:
+            rows.append(bench_x264(clip.frames, clip.fps, t, args.x264_crf))
+        load_after = os.getloadavg()
+        r = model.cfg.resolution
+        lines = [f"Command: `imfc bench {shlex.join(argv)}`", "",
+                 (f"{len(clip.frames)} frames of {clip.name} at {r}x{r}, {float(clip.fps):g} fps; CPU: {cpu_name()}, "
+                 f"{os.cpu_count()} logical cores; torch {torch.__version__}; load average {load_before[0]:.2f} before, "
+                 f"{load_after[0]:.2f} after (other work on the machine slows every row alike only roughly)."), "",
+                 (f"imfc model `{model.cfg.name}` {model_id(model).hex()}, default encoder settings (quality floor "
+                 f"{settings.quality_floor:g} dB, keyframe at most every {settings.max_keyframe_interval} frames); "
+                 f"libx264 CRF {args.x264_crf}, preset medium, tune zerolatency, bf 0, slice-threaded decode."), ""]
+        lines += table(rows)
+        lines.append("")
+        for t in args.threads:
+            imfc = next(s for s in rows if s.codec == "imfc" and s.threads == t)
+            x264 = next(s for s in rows if s.codec == "x264" and s.threads == t)
+            lines.append(f"- {t} thread(s): imfc encodes at {imfc.encode_fps / x264.encode_fps:.3f}x and decodes at "
+                         f"{imfc.decode_fps / x264.decode_fps:.3f}x the frame rate of libx264 (wall clock); per frame it "
+                         f"takes {imfc.encode_cpu_ms / x264.encode_cpu_ms:.0f}x / {imfc.decode_cpu_ms / x264.decode_cpu_ms:.0f}x "
+                         f"x264's CPU time to encode / decode.")
+        lines += [f"- model load (weights file to a ready model, imports excluded): {load_seconds * 1000:.0f} ms",
+                  (f"- peak resident memory of the process: {rss_before:.0f} MB after imports, {rss_imfc:.0f} MB after "
+                  f"the imfc runs, {peak_rss_mb():.0f} MB at the end")]
+        print("\n".join(lines))
+        if args.json is not None:
+            args.json.write_text(json.dumps({
+                "command": f"imfc bench {shlex.join(argv)}", "cpu": cpu_name(), "model_id": model_id(model).hex(),
+                "load_average": [load_before[0], load_after[0]], "model_load_ms": load_seconds * 1000,
+                "peak_rss_mb": {"after_imports": rss_before, "after_imfc": rss_imfc, "end": peak_rss_mb()},
+                "rows": [asdict(s) for s in rows]}, indent=1) + "\n")
+        return 0
+
+    return run("imfc bench", action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

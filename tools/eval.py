@@ -1,0 +1,156 @@
+"""imfc eval CLIPS... --out DIR: rate-distortion of imfc against x264, x265 and SVT-AV1 on the same frames.
+
+Writes to DIR: points.csv / points.json (every operating point of every codec on every clip, with
+settings, BD-rates and the command), frames.csv (per-frame scores), rd_<metric>.png (all codecs,
+averaged over clips, log-scaled kbps), side_by_side_<clip>.png (the same frames from the source,
+imfc and each anchor at the closest rate) and summary.md (tables ready for BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from codec.anchors import SPECS, Anchor
+from codec.metrics import METRICS, MetricError, vmaf_available
+from codec.pipeline import EncoderSettings
+from codec.rd_eval import EvalSettings, evaluate_anchor, evaluate_imfc, imfc_setting, load_clip
+from codec.rd_report import bd_entries, plot_rd, side_by_side, summary_markdown, write_frame_scores, write_points
+from codec.video_io import VideoError, probe
+from codec.weights import load_weights, model_id
+from tools.errors import run
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def imfc_points(text: str) -> tuple[EncoderSettings, ...]:
+    """"FLOOR:KEYINT,..." -> encoder settings (quality floor in dB, forced keyframe interval)."""
+    try:
+        points = tuple(EncoderSettings(float(f), int(k)) for f, k in (v.split(":") for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FLOOR:KEYINT,... (e.g. 20:250,20:25), got {text!r}") from None
+    if not points or any(p.max_keyframe_interval < 1 for p in points):
+        raise argparse.ArgumentTypeError("need at least one FLOOR:KEYINT with KEYINT >= 1")
+    return points
+
+
+def points_text(points: tuple[EncoderSettings, ...]) -> str:
+    return ",".join(f"{p.quality_floor:g}:{p.max_keyframe_interval}" for p in points)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    d = EvalSettings()
+    crfs = dict(d.crfs)
+    parser = argparse.ArgumentParser(prog="imfc eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("clips", type=Path, nargs="+", help="video files PyAV can open")
+    parser.add_argument("-o", "--out", type=Path, default=Path("imfc-eval"), help="output folder, new or empty (default %(default)s)")
+    parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
+    parser.add_argument("--frames", type=int, default=d.frames, help="frames per clip, from the start (default %(default)s)")
+    parser.add_argument("--imfc-points", type=imfc_points, default=d.imfc,
+                        help="imfc operating points as QUALITY_FLOOR_DB:MAX_KEYFRAME_INTERVAL,... "
+                             f"(default {points_text(d.imfc)})")
+    for anchor in Anchor:
+        parser.add_argument(f"--{anchor.value}-crf", type=int_list, default=crfs[anchor],
+                            help=f"{anchor.value} CRFs (default %(default)s; empty to skip)")
+    parser.add_argument("--no-vmaf", action="store_true", help="skip VMAF (scored NaN)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.frames < 2:
+        parser.error("--frames must be >= 2")
+    torch.set_num_threads(max(1, args.threads))
+    anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
+    imfc = list(args.imfc_points)
+
+    def action() -> int:
+        for clip in args.clips:  # every input checked before any work or output
+            probe(clip)
+        out = args.out
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise VideoError(f"{out}: exists and is not an empty folder")
+        if not (out.parent if str(out.parent) else Path(".")).is_dir():
+            raise VideoError(f"{out}: parent folder does not exist")
+        with_vmaf = not args.no_vmaf
+        if with_vmaf and not vmaf_available():
+            raise MetricError("no FFmpeg with libvmaf (the imageio-ffmpeg package ships one); use --no-vmaf to skip VMAF")
+        model = load_weights(args.weights)
+        res = model.cfg.resolution
+        tmp = out.with_name(f".{out.name}.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        start = time.perf_counter()
+        try:
+            total = len(args.clips) * (len(imfc) + sum(len(c) for _, c in anchors))
+            bar = tqdm(total=total, unit="point", desc="eval", disable=True if args.quiet else None)
+            coded_all = []
+            for path in args.clips:
+                clip = load_clip(path, res, args.frames)
+                coded = []
+                for s in imfc:
+                    bar.set_postfix_str(f"{clip.name} imfc {imfc_setting(s)}")
+                    coded.append(evaluate_imfc(model, clip, s, with_vmaf))
+                    bar.update()
+                for anchor, crf_list in anchors:
+                    for crf in crf_list:
+                        bar.set_postfix_str(f"{clip.name} {anchor.value} crf {crf}")
+                        coded.append(evaluate_anchor(anchor, clip, crf, with_vmaf))
+                        bar.update()
+                side_by_side(clip.frames, coded, clip.samples, tmp / f"side_by_side_{clip.name}.png")
+                coded_all += coded
+            bar.close()
+            points = [c.point for c in coded_all]
+            meta = {
+                "command": "imfc eval " + shlex.join(argv),
+                "frames": args.frames,
+                "resolution": res,
+                "model": f"{model.cfg.name} {model_id(model).hex()} ({args.weights or 'shipped default'})",
+                "vmaf": with_vmaf,
+                "imfc_settings": [imfc_setting(s) for s in imfc],
+                "anchor_settings": {a.value: SPECS[a].settings for a, _ in anchors},
+                "seconds": round(time.perf_counter() - start, 1),
+                "clips": [str(p) for p in args.clips],
+            }
+            bd = bd_entries(points)
+            write_points(points, tmp / "points.csv", tmp / "points.json", meta, bd)
+            write_frame_scores(coded_all, tmp / "frames.csv")
+            title = f"{len(args.clips)} clips x {args.frames} frames, {res}x{res}, averaged over clips"
+            for m in METRICS:
+                if with_vmaf or m != "vmaf":
+                    plot_rd(points, m, tmp / f"rd_{m}.png", title)
+            (tmp / "summary.md").write_text(summary_markdown(points, bd, meta))
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            tmp.replace(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        print((out / "summary.md").read_text())
+        print(f"wrote {out}/ in {meta['seconds']:.0f} s")
+        return 0
+
+    def guarded() -> int:
+        try:
+            return action()
+        except MetricError as e:  # a missing metric backend is a user-fixable setup problem
+            print(f"imfc eval: error: {e}", file=sys.stderr)
+            return 1
+
+    return run("imfc eval", guarded)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
