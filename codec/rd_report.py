@@ -116,7 +116,7 @@ def plot_rd(points: list[RDPoint], metric: str, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     for codec in codecs_in(points):
@@ -125,7 +125,10 @@ def plot_rd(points: list[RDPoint], metric: str, path: Path, title: str) -> None:
             continue
         ax.plot(c.kbps, c.quality[metric], "o-", color=COLORS.get(codec), label=codec, markersize=4)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30, 50 rather than 2x10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("kbps (every byte, log scale)")
     ax.set_ylabel(LABELS[metric])
     ax.set_title(title, fontsize=9)
@@ -174,7 +177,7 @@ def summary_markdown(points: list[RDPoint], bd: list[BDEntry], meta: dict) -> st
     lines = [f"Command: `{meta['command']}`", "",
              (f"{len(clips)} clips, {meta['frames']} frames each (fewer where a clip is shorter), "
              f"center square crop resized to {meta['resolution']}x{meta['resolution']}, each clip at its own frame rate; "
-             f"model `{meta['model']}`; VMAF {'on' if meta['vmaf'] else 'off'}."), "",
+             f"model `{meta['model']}`; VMAF {'on' if meta['vmaf'] else 'off'}; run time {meta['seconds']:.0f} s."), "",
              "Anchors (low delay, video-call settings):", ""]
     lines += [f"- {s}" for s in meta["anchor_settings"].values()]
     lines += [(f"- imfc: {'; '.join(meta['imfc_settings'])} (closed loop, bank of 2 references; a frame whose "
