@@ -52,8 +52,9 @@ def save_weights(model: IMFCodec, path: Path) -> None:
     tmp.replace(path)
 
 
-def load_weights(path: Path | None = None) -> IMFCodec:
-    """Load a weights file (default: the shipped model) into a fresh fp32 model in eval mode."""
+def load_weights(path: Path | None = None, strict: bool = True) -> IMFCodec:
+    """Load a weights file (default: the shipped model) into a fresh fp32 model in eval mode.
+    ``strict=False`` is for training only: modules the file lacks keep their initialisation."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.exists():
         raise WeightsError(f"{path}: no such weights file")
@@ -67,5 +68,10 @@ def load_weights(path: Path | None = None) -> IMFCodec:
         raise WeightsError(f"{path}: not an imfc weights file ({e.__class__.__name__}: {e})") from None
     model = build_model(cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not fit the model of its config ({str(e).splitlines()[0]})") from None
+    if missing or unexpected:
+        print(f"{path}: initialised anew: {missing}; ignored: {unexpected}")
     return model.eval()

@@ -77,7 +77,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
-    model = load_weights(Path(cfg.init).expanduser()) if cfg.init else build_model(get_config(cfg.model))
+    model = load_weights(Path(cfg.init).expanduser(), strict=False) if cfg.init else build_model(get_config(cfg.model))
     model.to(world.device).train()
     params, aux = split_parameters(model)
     net = model
