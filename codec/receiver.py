@@ -171,8 +171,8 @@ class Receiver:
             self.stats.damaged += 1
             return []
         st.refs[ref] = self.model.reference(x_hat, u_hat)
-        for r in sorted(st.refs)[:-pk.REF_WINDOW]:
-            del st.refs[r]
+        for r in [r for r in st.refs if r <= max(st.refs) - pk.REF_WINDOW]:
+            del st.refs[r]  # the feedback (and the sender) can name only the REF_WINDOW newest ids
         self.stats.keyframes += 1
         if st.want_keyframe_after is not None and ref > st.want_keyframe_after:
             st.want_keyframe_after = None
@@ -209,10 +209,14 @@ class Receiver:
             self.stats.damaged += 1
             return []
         self._remember(frame, u_hat)
-        wanted = pk.read_ref_set(p.ref, p.ref_mask, max(st.newest_ref, 0))
+        wanted = pk.read_ref_set(p.ref, p.ref_mask & ~pk.PENDING, max(st.newest_ref, 0))
         bank = [st.refs[r] for r in wanted if r in st.refs]
-        if wanted[-1] > max(st.refs, default=-1) and wanted[-1] not in st.partial and st.want_keyframe_after is None:
-            self.request_keyframe()  # a whole keyframe went missing (its fragments would be in partial)
+        # a whole keyframe went missing (a partly received one would be in ``partial``): the one
+        # this frame names, or a newer one the sender says it sent
+        named_missing = wanted[-1] > max(st.refs, default=-1) and wanted[-1] not in st.partial
+        newer_missing = p.ref_mask & pk.PENDING and max([*st.refs, *st.partial], default=-1) <= wanted[-1]
+        if (named_missing or newer_missing) and st.want_keyframe_after is None:
+            self.request_keyframe()
         if not bank:
             self.stats.undecodable += 1
             return []

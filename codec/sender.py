@@ -113,6 +113,10 @@ class Sender:
             return self._keyframe(fid, x)
         return token
 
+    def skip(self) -> None:
+        """Let a frame go unsent (a busy sender drops it at capture); frame ids stay source indices."""
+        self.state.frame += 1
+
     def _token_frame(self, fid: int, u: Tensor, x: Tensor, bank_ids: list[int]) -> SentFrame:
         st = self.state
         base = st.acked_frame if 0 < fid - st.acked_frame <= HISTORY and st.acked_frame in st.tokens else None
@@ -123,6 +127,8 @@ class Sender:
             x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
             quality = psnr(x_hat, x)
         ref, mask = pk.ref_set(bank_ids)
+        if any(not r.acked for i, r in st.refs.items() if i > bank_ids[-1]):
+            mask |= pk.PENDING
         p = pk.TokenPacket(self._seq(), fid, fid - base if base is not None else 0, ref, mask, data)
         self._forget(fid)
         return SentFrame(fid, FrameKind.TOKEN, [pk.to_bytes(p)], x_hat, quality)

@@ -25,6 +25,7 @@ _HEAD = struct.Struct("<BHHBBB")  # version|type, seq, frame, three type-specifi
 OVERHEAD = _HEAD.size + 2  # header and check: every packet's bytes beyond its payload
 MAX_FRAGMENTS = 255
 REF_WINDOW = 8  # references a packet can name: the newest one and the 7 ids before it
+PENDING = 0x80  # TOKEN ref_mask bit: a newer keyframe is on its way
 
 
 class PacketError(BitstreamError):
@@ -60,7 +61,8 @@ class TokenPacket:
     frame: int
     base: int  # frames back to the token this one is a delta from; 0: coded on its own
     ref: int  # newest reference of the bank the frame was coded with
-    ref_mask: int  # bit k: reference ref-1-k is in the bank too
+    ref_mask: int  # bit k < 7: reference ref-1-k is in the bank too; bit 7 (PENDING): the sender has
+    # sent a newer keyframe it has no acknowledgement for (so a receiver without any trace of it asks again)
     data: bytes
     type = PacketType.TOKEN
 

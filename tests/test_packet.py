@@ -10,7 +10,7 @@ u8, u16 = st.integers(0, 255), st.integers(0, 65535)
 fragments = st.integers(1, 255).flatmap(lambda n: st.builds(
     pk.KeyframeFragment, seq=u16, frame=u16, ref=u8, index=st.integers(0, n - 1), count=st.just(n),
     data=st.binary(max_size=pk.MAX_PACKET - pk.OVERHEAD)))
-tokens = st.builds(pk.TokenPacket, seq=u16, frame=u16, base=u8, ref=u8, ref_mask=st.integers(0, 127),
+tokens = st.builds(pk.TokenPacket, seq=u16, frame=u16, base=u8, ref=u8, ref_mask=u8,
                    data=st.binary(max_size=100))
 feedback = st.builds(pk.Feedback, seq=u16, frame=u16, ref=u8, ref_mask=st.integers(0, 127), flags=st.integers(0, 7))
 packets = st.one_of(fragments, tokens, feedback)

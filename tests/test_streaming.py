@@ -99,6 +99,20 @@ def test_lost_keyframe_fragment_keeps_old_reference_and_requests_keyframe(model,
     assert_exact_where_shown(call)
 
 
+def test_wholly_lost_keyframe_is_noticed_from_the_next_token(model, frames):
+    """All of the keyframe at frame 15 is lost: the next token packet says a newer keyframe is
+    pending, the receiver has no trace of it and asks again, without waiting for the timeout."""
+    def drop(i, data):
+        p = pk.from_bytes(data)
+        return isinstance(p, pk.KeyframeFragment) and p.frame == 15
+
+    call = simulate_call(model, frames, 25, CHECKED, LinkConfig(delay=0.02), LinkConfig(delay=0.02), drop=drop)
+    assert call.receiver.stats.keyframe_requests == 1
+    keyframes = [i for i, k in enumerate(call.sent) if k == FrameKind.KEYFRAME]
+    assert 16 <= keyframes[2] <= 18
+    assert_exact_where_shown(call)
+
+
 def test_keyframe_request_round_trip(model, frames):
     call = simulate_call(model, frames[:20], 25, SenderSettings(quality_floor=0), requests=[8])
     keyframes = [i for i, k in enumerate(call.sent) if k == FrameKind.KEYFRAME]

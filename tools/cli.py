@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": ("tools.train", "train a model"),
     "export": ("tools.export", "export a training run's checkpoint as weights (+ training curve)"),
     "stats": ("tools.stats", "parameters, weight size and decode FLOPs of the model presets"),
+    "call": ("tools.call", "a real-time call over WebRTC: `call recv --out FILE`, then `call send SOURCE`"),
     "eval": ("tools.eval", "rate-distortion of imfc against x264, x265 and SVT-AV1 (CSV, plots, BD-rates)"),
     "bench": ("tools.bench", "encode/decode speed, latency and memory of imfc, with libx264 as a ratio"),
 }

@@ -1,0 +1,98 @@
+"""Calls between two processes over WebRTC (aiortc) on loopback: the receiver runs as
+`imfc call recv` in a subprocess, the sender in this process."""
+
+import json
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from codec.video_io import FrameWriter, read_frames
+from tests.conftest import moving_square_clip
+from tools.call import main as call_main
+
+REPO = Path(__file__).parents[1]
+FRAMES = 24
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("call") / "clip.mp4"
+    writer = FrameWriter(path, Fraction(25))
+    for frame in moving_square_clip(FRAMES, 64, seed=3):
+        writer.write(frame)
+    writer.close()
+    return path
+
+
+def start_receiver(tmp_path: Path, weights: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "tools.cli", "call", "recv", "--out", str(tmp_path / "out.mp4"), "--weights",
+           str(weights), "--port", "0", "--timeout", "60", "--json", str(tmp_path / "recv.json"), *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on"), line + proc.stderr.read()
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def call(tmp_path, weights, clip, send_args=(), recv_args=()) -> dict:
+    proc, port = start_receiver(tmp_path, weights, "--compare", str(clip), *recv_args)
+    try:
+        rc = call_main(["send", str(clip), "--weights", str(weights), "--port", str(port), "--timeout", "60",
+                        "--fps", "12", "--json", str(tmp_path / "send.json"), *send_args])
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert rc == 0 and proc.returncode == 0, err
+    report = json.loads((tmp_path / "recv.json").read_text())
+    assert json.loads((tmp_path / "send.json").read_text()) == report  # the sender got the same report
+    # every source frame is accounted for, and the output has one picture per source frame
+    assert report["frames"] == FRAMES
+    assert report["keyframes"] + report["tokens"] + report["concealed"] + report["held"] == FRAMES
+    assert len(list(read_frames(tmp_path / "out.mp4"))) == FRAMES
+    return report
+
+
+def test_loopback_call(tiny_weights, clip, tmp_path):
+    r = call(tmp_path, tiny_weights, clip, ["--quality-floor", "0"])
+    assert r["keyframes"] >= 1 and r["tokens"] >= 1
+    assert r["kbps"] > 0 and r["latency_ms_p50"] is not None and r["psnr"] > 0
+
+
+@pytest.mark.slow
+def test_call_survives_twenty_percent_loss(tiny_weights, clip, tmp_path):
+    impair = ["--loss", "20", "--delay", "20", "--jitter", "30"]
+    r = call(tmp_path, tiny_weights, clip, ["--quality-floor", "0", "--max-keyframe-interval", "8", *impair],
+             impair + ["--seed", "7"])
+    assert r["keyframes"] + r["tokens"] + r["concealed"] >= 1
+
+
+@pytest.mark.slow
+def test_keyframe_request_round_trip(tiny_weights, clip, tmp_path):
+    """Seed 14 at 20% loss drops the sender's first datagram (the first keyframe) and none of the
+    next seven: the receiver sees token frames naming a reference it never got, asks for a
+    keyframe, and the sender's answer arrives."""
+    r = call(tmp_path, tiny_weights, clip, ["--quality-floor", "0", "--loss", "20", "--seed", "14"])
+    assert r["keyframe_requests"] >= 1 and r["keyframes_sent"] >= 2 and r["keyframes"] >= 1
+
+
+@pytest.mark.slow
+def test_receiver_refuses_another_model(tiny_weights, clip, tmp_path):
+    import torch
+
+    from codec.config import get_config
+    from codec.model import build_model
+    from codec.weights import save_weights
+
+    torch.manual_seed(5)
+    other = tmp_path / "other.safetensors"
+    save_weights(build_model(get_config("tiny")), other)
+    proc, port = start_receiver(tmp_path, tiny_weights)
+    try:
+        rc = call_main(["send", str(clip), "--weights", str(other), "--port", str(port), "--timeout", "30"])
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert rc == 1 and proc.returncode == 1
+    assert "same --weights" in err and err.count("\n") == 1

@@ -1,0 +1,153 @@
+"""imfc call send SOURCE / imfc call recv --out FILE: a real-time call over WebRTC.
+
+Start the receiver first; it listens for the sender's offer on a localhost port (signalling),
+then both talk over WebRTC data channels. Each side can impair what it sends (loss, delay,
+jitter, bandwidth cap) to play a bad network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict, replace
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from codec.sender import FrameKind, SenderSettings
+from codec.video_io import to_tensor
+from codec.weights import load_weights
+from rtc.impairment import LinkConfig
+from rtc.recovery import measure_recovery
+from rtc.report import summarize
+from rtc.session import CallConfig, CallError, compare_with, run_receiver, run_sender
+from rtc.signalling import SignallingError
+from rtc.simulate import simulate_call
+from rtc.source import open_source
+from tools.encode import parse_crop
+from tools.errors import run
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="signalling address (default %(default)s)")
+    p.add_argument("--port", type=int, default=8765, help="signalling TCP port (default %(default)s)")
+    p.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model); "
+                   "both sides need the same")
+    p.add_argument("--loss", type=float, default=0.0, help="percent of this side's datagrams to drop")
+    p.add_argument("--delay", type=float, default=0.0, help="one-way delay added to this side's datagrams, ms")
+    p.add_argument("--jitter", type=float, default=0.0, help="extra random delay in [0, JITTER) ms per datagram")
+    p.add_argument("--kbps", type=float, default=0.0, help="bandwidth cap on this side's datagrams (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the impairment layer")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the other side")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default %(default)s)")
+
+
+def call_config(args: argparse.Namespace) -> CallConfig:
+    link = LinkConfig(args.loss / 100, args.delay / 1000, args.jitter / 1000, args.kbps, seed=args.seed)
+    return CallConfig(args.host, args.port, link, args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = SenderSettings()
+    parser = argparse.ArgumentParser(prog="imfc call", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="role", required=True)
+    send = sub.add_parser("send", help="call a receiver and send a video file or camera")
+    send.add_argument("source", help="a video file, or a camera (/dev/video0; camera:NAME on macOS)")
+    send.add_argument("--frames", type=int, default=None, help="send at most this many frames")
+    send.add_argument("--fps", type=float, default=None,
+                      help="pace a video file at this rate instead of its own (for machines too slow for real time)")
+    send.add_argument("--crop", type=parse_crop, default=None, help="square crop LEFT,TOP,SIZE (default: centered)")
+    send.add_argument("--quality-floor", type=float, default=defaults.quality_floor,
+                      help="PSNR (dB) under which a keyframe is sent; 0 turns the check (and the sender's "
+                           "synthesis) off (default %(default)s)")
+    send.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval)
+    send.add_argument("--bank-size", type=int, default=defaults.bank_size)
+    send.add_argument("--json", type=Path, default=None, help="write the receiver's report here as JSON")
+    add_common(send)
+    recv = sub.add_parser("recv", help="wait for a call and write what it shows to a video file")
+    recv.add_argument("--out", type=Path, required=True, help="output video (.mp4, .mkv, .y4m, or a folder of PNGs)")
+    recv.add_argument("--compare", default=None, help="the source video, to measure PSNR/MS-SSIM against")
+    recv.add_argument("--json", type=Path, default=None, help="write the call's report here as JSON")
+    add_common(recv)
+    sim = sub.add_parser("simulate", help="the same call in one process on a simulated clock (no CPU time), "
+                         "to measure quality under loss and recovery after a lost keyframe")
+    sim.add_argument("source", help="a video file")
+    sim.add_argument("--frames", type=int, default=None)
+    sim.add_argument("--quality-floor", type=float, default=defaults.quality_floor)
+    sim.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval)
+    sim.add_argument("--bank-size", type=int, default=defaults.bank_size)
+    sim.add_argument("--lose-keyframe", type=int, default=None, metavar="K",
+                     help="also run the call with the first fragment of keyframe K (0: the first) dropped, "
+                          "and report how long it takes to recover")
+    sim.add_argument("--json", type=Path, default=None, help="write the report here as JSON")
+    add_common(sim)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    if not 0 <= args.loss <= 100:
+        parser.error("--loss is a percentage in 0..100")
+    if args.role == "send" and args.fps is not None and args.fps <= 0:
+        parser.error("--fps must be positive")
+
+    def action() -> int:
+        model = load_weights(args.weights)
+        try:
+            if args.role == "simulate":
+                return simulate(model, args)
+            if args.role == "send":
+                settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size)
+                source = open_source(args.source, model.cfg.resolution, args.frames, args.crop)
+                if args.fps:
+                    source.fps = Fraction(args.fps).limit_denominator(1001)
+                summary, report = asyncio.run(run_sender(model, source, settings, call_config(args), args.frames))
+                print(f"sent {summary.frames} frames ({summary.not_sent} skipped for time), "
+                      f"{summary.keyframes_sent} keyframes, {summary.packets_sent} packets, "
+                      f"{summary.media_bytes} bytes; receiver's report:")
+            else:
+                compare = compare_with(args.compare) if args.compare else None
+                report = asdict(asyncio.run(run_receiver(
+                    model, args.out, call_config(args), compare,
+                    lambda port: print(f"listening on {args.host}:{port}", flush=True))))
+                print(f"{args.out}: call ended; report:")
+        except (CallError, SignallingError) as e:
+            print(f"imfc call {args.role}: error: {e}", file=sys.stderr)
+            return 1
+        print("\n".join(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in report.items()))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return 0
+
+    return run(f"imfc call {args.role}", action)
+
+
+def simulate(model, args: argparse.Namespace) -> int:
+    settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size)
+    source = open_source(args.source, model.cfg.resolution, args.frames)
+    images = list(source.frames)
+    frames = [to_tensor(f) for f in images]
+    link = call_config(args).link
+    fps = float(source.fps)
+    result: dict = {}
+    if args.lose_keyframe is not None:
+        recovery, _, call = measure_recovery(model, frames, fps, settings, link, args.lose_keyframe)
+        result["recovery"] = asdict(recovery)
+    else:
+        call = simulate_call(model, frames, fps, settings, link, replace(link, seed=link.seed + 1))
+    report = summarize(
+        call.played, images, fps, call.captured, not_sent=0,
+        keyframes_sent=sum(k == FrameKind.KEYFRAME for k in call.sent),
+        keyframe_requests=call.receiver.stats.keyframe_requests, packets_sent=call.forward.stats.sent,
+        packets_lost=call.forward.stats.dropped, media_bytes=call.media_bytes, feedback_bytes=call.feedback_bytes)
+    result = {**asdict(report), **result}
+    print(f"{args.source}: simulated call of {report.frames} frames")
+    print("\n".join(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in result.items()))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
