@@ -12,6 +12,7 @@ elementary stream (``codec.anchors``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -140,3 +141,18 @@ def evaluate_anchor(anchor: Anchor, clip: Clip, crf: int, with_vmaf: bool = True
     result = round_trip(anchor, list(clip.frames), clip.fps, crf, threads=1)
     fps = len(clip.frames) / max(sum(result.encode_seconds), 1e-9)
     return _point(clip, anchor.value, f"crf {crf}", result.bytes, 1, np.array(result.frames), fps, with_vmaf)
+
+
+def evaluate_clip(model: IMFCodec, clip: Clip, imfc: list[EncoderSettings], anchors: list[tuple[Anchor, tuple[int, ...]]],
+                  with_vmaf: bool = True, after_point: Callable[[str], None] = lambda label: None) -> list[CodedPoint]:
+    """Every imfc operating point, then every anchor CRF, on one clip; ``after_point`` hears each
+    finished point's label (for a progress bar)."""
+    coded = []
+    for s in imfc:
+        coded.append(evaluate_imfc(model, clip, s, with_vmaf))
+        after_point(f"{clip.name} imfc {imfc_setting(s)}")
+    for anchor, crfs in anchors:
+        for crf in crfs:
+            coded.append(evaluate_anchor(anchor, clip, crf, with_vmaf))
+            after_point(f"{clip.name} {anchor.value} crf {crf}")
+    return coded

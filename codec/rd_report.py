@@ -215,3 +215,17 @@ def _json_default(v):
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     raise TypeError(f"cannot serialize {type(v)}")
+
+
+def write_report(folder: Path, coded: list[CodedPoint], meta: dict, with_vmaf: bool) -> None:
+    """Every output but the side-by-side pictures (written per clip as the run goes) into ``folder``."""
+    points = [c.point for c in coded]
+    bd = bd_entries(points)
+    write_points(points, folder / "points.csv", folder / "points.json", meta, bd)
+    write_frame_scores(coded, folder / "frames.csv")
+    r = meta["resolution"]
+    title = f"{len(meta['clips'])} clips x {meta['frames']} frames, {r}x{r}, averaged over clips"
+    for m in METRICS:
+        if with_vmaf or m != "vmaf":
+            plot_rd(points, m, folder / f"rd_{m}.png", title)
+    (folder / "summary.md").write_text(summary_markdown(points, bd, meta))

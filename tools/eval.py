@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from codec.anchors import SPECS, Anchor
-from codec.metrics import METRICS, MetricError, vmaf_available
+from codec.metrics import MetricError, vmaf_available
 from codec.pipeline import EncoderSettings
-from codec.rd_eval import EvalSettings, evaluate_anchor, evaluate_imfc, imfc_setting, load_clip
-from codec.rd_report import bd_entries, plot_rd, side_by_side, summary_markdown, write_frame_scores, write_points
+from codec.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
+from codec.rd_report import side_by_side, write_report
 from codec.video_io import VideoError, probe
 from codec.weights import load_weights, model_id
 from tools.errors import run
@@ -92,27 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         tmp = out.with_name(f".{out.name}.part")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        # a long run is often stopped with `kill`: exit through the cleanup below, not around it
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         start = time.perf_counter()
         try:
             total = len(args.clips) * (len(imfc) + sum(len(c) for _, c in anchors))
             bar = tqdm(total=total, unit="point", desc="eval", disable=True if args.quiet else None)
-            coded_all = []
+            coded = []
+
+            def after_point(label: str) -> None:
+                bar.set_postfix_str(label, refresh=False)
+                bar.update()
+
             for path in args.clips:
                 clip = load_clip(path, res, args.frames)
-                coded = []
-                for s in imfc:
-                    bar.set_postfix_str(f"{clip.name} imfc {imfc_setting(s)}")
-                    coded.append(evaluate_imfc(model, clip, s, with_vmaf))
-                    bar.update()
-                for anchor, crf_list in anchors:
-                    for crf in crf_list:
-                        bar.set_postfix_str(f"{clip.name} {anchor.value} crf {crf}")
-                        coded.append(evaluate_anchor(anchor, clip, crf, with_vmaf))
-                        bar.update()
-                side_by_side(clip.frames, coded, clip.samples, tmp / f"side_by_side_{clip.name}.png")
-                coded_all += coded
+                coded_clip = evaluate_clip(model, clip, imfc, anchors, with_vmaf, after_point)
+                side_by_side(clip.frames, coded_clip, clip.samples, tmp / f"side_by_side_{clip.name}.png")
+                coded += coded_clip
             bar.close()
-            points = [c.point for c in coded_all]
             meta = {
                 "command": "imfc eval " + shlex.join(argv),
                 "frames": args.frames,
@@ -124,20 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.perf_counter() - start, 1),
                 "clips": [str(p) for p in args.clips],
             }
-            bd = bd_entries(points)
-            write_points(points, tmp / "points.csv", tmp / "points.json", meta, bd)
-            write_frame_scores(coded_all, tmp / "frames.csv")
-            title = f"{len(args.clips)} clips x {args.frames} frames, {res}x{res}, averaged over clips"
-            for m in METRICS:
-                if with_vmaf or m != "vmaf":
-                    plot_rd(points, m, tmp / f"rd_{m}.png", title)
-            (tmp / "summary.md").write_text(summary_markdown(points, bd, meta))
+            write_report(tmp, coded, meta, with_vmaf)
             if out.exists():
                 out.rmdir()  # empty, checked above
             tmp.replace(out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         print((out / "summary.md").read_text())
         print(f"wrote {out}/ in {meta['seconds']:.0f} s")
         return 0
