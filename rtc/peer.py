@@ -41,6 +41,20 @@ async def wait_open(channel: RTCDataChannel, timeout: float) -> None:
     await asyncio.wait_for(opened.wait(), timeout)
 
 
+UDP_IP_OVERHEAD = 28  # bytes per datagram: IPv4 (20) + UDP (8) headers
+
+
+def wire_counters(pc: RTCPeerConnection) -> tuple[int, int] | None:
+    """(bytes, datagrams) this peer has sent through DTLS so far: imfc packets plus SCTP and DTLS
+    framing, acknowledgements and heartbeats, without IP/UDP headers. aiortc keeps these counters
+    on its DTLS transport without a public accessor; None if that ever changes."""
+    try:
+        stats = list(pc.sctp.transport._get_stats().values())[0]
+        return stats.bytesSent, stats.packetsSent
+    except (AttributeError, IndexError):
+        return None
+
+
 class ImpairedChannel:
     """Sends datagrams on a data channel through a ``Link``: some are dropped, the rest leave
     after the link's delay, jitter and bandwidth queue. Call from the event loop's thread."""

@@ -37,7 +37,9 @@ from codec.sender import FrameKind, SentFrame, Sender, SenderSettings
 from codec.video_io import Box, FrameWriter, to_tensor, to_uint8
 from codec.weights import model_id
 from rtc.impairment import LinkConfig
-from rtc.peer import CONTROL, MEDIA, ImpairedChannel, open_channels, peer_connection, wait_open
+from rtc.peer import (
+    CONTROL, MEDIA, UDP_IP_OVERHEAD, ImpairedChannel, open_channels, peer_connection, wait_open, wire_counters,
+)
 from rtc.playout import OUTCOME, PlayedFrame, Playout
 from rtc.report import CallReport, summarize
 from rtc.signalling import SignallingError, answer_one, offer_to
@@ -66,6 +68,8 @@ class SenderSummary:
     packets_sent: int = 0
     packets_dropped: int = 0  # by this side's impairment layer
     media_bytes: int = 0
+    wire_bytes: int | None = None  # everything this side sent while frames flowed, on the wire
+    # (imfc packets + SCTP/DTLS framing and acks + IP/UDP headers); None if aiortc hides it
     captured: list[float] = field(default_factory=list)  # clock time of each frame's capture slot
 
 
@@ -89,7 +93,15 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
             report.set_exception(CallError(f"receiver: {msg['error']}"))
 
     control.on("message", on_control)
+    sender = Sender(model, settings)
+    pool = ThreadPoolExecutor(1)  # the model's thread: Sender state is touched by it only
     try:
+        # before calling: the first frames should not pay for warm-up or for filling the reader
+        await loop.run_in_executor(pool, warm_up, model)
+        # a file is read up to 4 s ahead; a camera's frames are taken as they come (no stale queue)
+        reader = Prefetch(iter(source.frames), depth=1 if source.live else max(int(4 * float(source.fps)), 1))
+        if not source.live:
+            await loop.run_in_executor(None, reader.wait_full)
         await pc.setLocalDescription(await pc.createOffer())
         await pc.setRemoteDescription(await offer_to(call.host, call.port, pc.localDescription, call.timeout))
         await asyncio.wait_for(asyncio.gather(wait_open(media, call.timeout), wait_open(control, call.timeout)),
@@ -100,8 +112,12 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
             "fps": [source.fps.numerator, source.fps.denominator], "crop": [source.box.left, source.box.top, source.box.size],
         }}))
         out = ImpairedChannel(media, call.link)
-        summary = await _send_frames(Sender(model, settings), source, out, feedback, max_frames, report)
+        wire0 = wire_counters(pc)
+        summary = await _send_frames(sender, pool, reader, source, out, feedback, max_frames, report)
         await out.drain()
+        wire1 = wire_counters(pc)
+        if wire0 is not None and wire1 is not None:
+            summary.wire_bytes = wire1[0] - wire0[0] + UDP_IP_OVERHEAD * (wire1[1] - wire0[1])
         summary.packets_dropped, summary.media_bytes = out.link.stats.dropped, out.bytes
         if report.done():  # the receiver gave up on us (e.g. another model): its error
             return summary, report.result()
@@ -112,46 +128,43 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
     except asyncio.TimeoutError:
         raise CallError("the call timed out (is the receiver running, with the same model?)") from None
     finally:
+        pool.shutdown(wait=True)
         await pc.close()
 
 
-async def _send_frames(sender: Sender, source: Source, out: ImpairedChannel, feedback: deque[bytes],
-                       max_frames: int | None, stop: asyncio.Future) -> SenderSummary:
+async def _send_frames(sender: Sender, pool: ThreadPoolExecutor, reader: "Prefetch", source: Source,
+                       out: ImpairedChannel, feedback: deque[bytes], max_frames: int | None,
+                       stop: asyncio.Future) -> SenderSummary:
     loop = asyncio.get_running_loop()
     summary = SenderSummary()
     period = 1 / float(source.fps)
-    frames = iter(source.frames)
 
     def step(frame: np.ndarray) -> SentFrame:
         while feedback:  # applied on the model's thread: Sender state is touched by one thread only
             sender.on_feedback(feedback.popleft())
         return sender.encode(to_tensor(frame))
 
-    reader = Prefetch(frames, depth=max(int(4 * float(source.fps)), 1))
-    with ThreadPoolExecutor(1) as pool:
-        await loop.run_in_executor(pool, warm_up, sender.model)
-        await loop.run_in_executor(None, reader.wait_full)
-        start = time.time() + 0.05
-        i = 0
-        while (max_frames is None or i < max_frames) and not stop.done():
-            slot = start + i * period
-            if not source.live:
-                await asyncio.sleep(max(slot - time.time(), 0))
-            frame = await loop.run_in_executor(None, reader.get)
-            if frame is None:
-                break
-            summary.captured.append(time.time() if source.live else slot)
-            if not source.live and time.time() > slot + period:
-                # more than a frame late: drop this one, as a camera pipeline would
-                await loop.run_in_executor(pool, sender.skip)
-                summary.not_sent += 1
-            else:
-                sent = await loop.run_in_executor(pool, step, frame)
-                summary.keyframes_sent += sent.kind == FrameKind.KEYFRAME
-                summary.packets_sent += len(sent.packets)
-                for p in sent.packets:
-                    out.send(p)
-            i += 1
+    start = time.time() + 0.05
+    i = 0
+    while (max_frames is None or i < max_frames) and not stop.done():
+        slot = start + i * period
+        if not source.live:
+            await asyncio.sleep(max(slot - time.time(), 0))
+        frame = await loop.run_in_executor(None, reader.get)
+        if frame is None:
+            break
+        summary.captured.append(time.time() if source.live else slot)
+        if not source.live and time.time() > slot + period:
+            # more than a frame late: drop this one, as a camera pipeline would
+            await loop.run_in_executor(pool, sender.skip)
+            summary.not_sent += 1
+        else:
+            sent = await loop.run_in_executor(pool, step, frame)
+            summary.keyframes_sent += sent.kind == FrameKind.KEYFRAME
+            summary.packets_sent += len(sent.packets)
+            for p in sent.packets:
+                out.send(p)
+        i += 1
     summary.frames = i
     return summary
 
@@ -235,6 +248,7 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
         return pc.localDescription
 
     try:
+        await loop.run_in_executor(None, warm_up, model)
         await answer_one(call.host, call.port, answer, call.timeout, listening)
         await asyncio.wait_for(both.wait(), call.timeout)
         hello = _hello(await asyncio.wait_for(control_msgs.get(), call.timeout))
@@ -308,7 +322,8 @@ class _ReceiveSession:
                     if frames:  # only the newest is worth the synthesis; the others are held
                         newest = frames[-1]
                         image = await loop.run_in_executor(pool, self._render, newest)
-                        self._play(self.playout.show(newest.frame, OUTCOME[newest.kind], image, time.time()))
+                        played = self.playout.show(newest.frame, OUTCOME[newest.kind], image, time.time())
+                        await loop.run_in_executor(pool, self._play, played)  # video encoding: off the loop
                 self._play(self.playout.finish(int(bye.get("frames", self.playout.next))))
                 self.writer.close()
             except BaseException:

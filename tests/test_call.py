@@ -46,7 +46,9 @@ def call(tmp_path, weights, clip, send_args=(), recv_args=()) -> dict:
         proc.kill()
     assert rc == 0 and proc.returncode == 0, err
     report = json.loads((tmp_path / "recv.json").read_text())
-    assert json.loads((tmp_path / "send.json").read_text()) == report  # the sender got the same report
+    sent = json.loads((tmp_path / "send.json").read_text())
+    assert sent.pop("sender_wire_kbps") > sent["kbps"]  # framing costs something
+    assert sent == report  # the sender got the same report
     # every source frame is accounted for, and the output has one picture per source frame
     assert report["frames"] == FRAMES
     assert report["keyframes"] + report["tokens"] + report["concealed"] + report["held"] == FRAMES
@@ -96,3 +98,9 @@ def test_receiver_refuses_another_model(tiny_weights, clip, tmp_path):
         proc.kill()
     assert rc == 1 and proc.returncode == 1
     assert "same --weights" in err and err.count("\n") == 1
+
+
+def test_sender_without_receiver_fails_in_one_line(tiny_weights, clip, capsys):
+    rc = call_main(["send", str(clip), "--weights", str(tiny_weights), "--port", "1", "--timeout", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "nobody is listening" in err and err.count("\n") == 1

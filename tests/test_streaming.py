@@ -217,3 +217,18 @@ def test_receiver_decodes_clean_stream_after_garbage(model, stream):
         receiver.receive(rng.randbytes(rng.randint(0, 200)))
     shown = [f.frame for data in stream for f in receiver.receive(data)]
     assert shown == list(range(14))
+
+
+def test_playout_holds_gaps_and_fills_the_tail():
+    from rtc.playout import Playout
+
+    playout = Playout(4)
+    a, b = np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)
+    out = playout.show(1, Outcome.KEYFRAME, a, 0.0) + playout.show(3, Outcome.TOKEN, b, 0.1)
+    out += playout.show(2, Outcome.TOKEN, a, 0.2)  # late: already held
+    out += playout.finish(6)
+    assert [(p.frame, p.outcome) for p in out] == [
+        (0, Outcome.HELD), (1, Outcome.KEYFRAME), (2, Outcome.HELD), (3, Outcome.TOKEN), (4, Outcome.HELD),
+        (5, Outcome.HELD)]
+    assert np.array_equal(out[2].image, a) and np.array_equal(out[5].image, b)
+    assert playout.show(10**6, Outcome.TOKEN, a, 1.0) == []  # a garbage jump is not filled frame by frame

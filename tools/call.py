@@ -103,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.fps:
                     source.fps = Fraction(args.fps).limit_denominator(1001)
                 summary, report = asyncio.run(run_sender(model, source, settings, call_config(args), args.frames))
+                # the wire rate on the same time base as the report's kbps: the source's duration
+                seconds = max(summary.frames, 1) / float(source.fps)
+                wire = summary.wire_bytes and 8 * summary.wire_bytes / 1000 / seconds
                 print(f"sent {summary.frames} frames ({summary.not_sent} skipped for time), "
                       f"{summary.keyframes_sent} keyframes, {summary.packets_sent} packets, "
-                      f"{summary.media_bytes} bytes; receiver's report:")
+                      f"{summary.media_bytes} bytes, {summary.wire_bytes} bytes on the wire "
+                      "(SCTP/DTLS/UDP/IP included); receiver's report:")
+                report = {**report, "sender_wire_kbps": wire}
             else:
                 compare = compare_with(args.compare) if args.compare else None
                 report = asdict(asyncio.run(run_receiver(
