@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         for t in args.threads:
             imfc = next(s for s in rows if s.codec == "imfc" and s.threads == t)
             x264 = next(s for s in rows if s.codec == "x264" and s.threads == t)
-            lines.append(f"- {t} thread(s): imfc encodes at {imfc.encode_fps / x264.encode_fps:.3f}x and decodes at "
-                         f"{imfc.decode_fps / x264.decode_fps:.3f}x the frame rate of libx264 (wall clock); per frame it "
+            lines.append(f"- {t} thread(s): imfc encodes at {imfc.encode_fps / x264.encode_fps:.3g}x and decodes at "
+                         f"{imfc.decode_fps / x264.decode_fps:.3g}x the frame rate of libx264 (wall clock); per frame it "
                          f"takes {imfc.encode_cpu_ms / x264.encode_cpu_ms:.0f}x / {imfc.decode_cpu_ms / x264.decode_cpu_ms:.0f}x "
                          f"x264's CPU time to encode / decode.")
         lines += [f"- model load (weights file to a ready model, imports excluded): {load_seconds * 1000:.0f} ms",
