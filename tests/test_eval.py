@@ -119,3 +119,10 @@ def test_bench_reports_imfc_and_x264(capsys, tiny_weights, synthetic_video, tmp_
 
 def test_bench_bad_input(capsys, tiny_weights, tmp_path):
     check_error(capsys, bench.main([str(tmp_path / "nope.mp4"), "--weights", str(tiny_weights)]), "no such file")
+
+
+def test_eval_rejects_out_of_range_crf(capsys, synthetic_video, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main([str(synthetic_video), "--out", str(tmp_path / "r"), "--x264-crf", "60"])
+    assert e.value.code == 2 and "0..51" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -66,13 +66,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default {points_text(d.imfc)})")
     for anchor in Anchor:
         parser.add_argument(f"--{anchor.value}-crf", type=int_list, default=crfs[anchor],
-                            help=f"{anchor.value} CRFs (default %(default)s; empty to skip)")
+                            help=f"{anchor.value} CRFs (default {','.join(map(str, crfs[anchor]))}; empty to skip)")
     parser.add_argument("--no-vmaf", action="store_true", help="skip VMAF (scored NaN)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.frames < 2:
         parser.error("--frames must be >= 2")
+    for anchor in Anchor:
+        lo, hi = SPECS[anchor].crf_range
+        if any(not lo <= c <= hi for c in getattr(args, f"{anchor.value}_crf")):
+            parser.error(f"--{anchor.value}-crf values must be in {lo}..{hi}")
     torch.set_num_threads(max(1, args.threads))
     anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
     imfc = list(args.imfc_points)
