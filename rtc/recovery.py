@@ -10,6 +10,7 @@ from torch import Tensor
 
 from codec.model import IMFCodec
 from codec.sender import FrameKind, SenderSettings
+from codec.video_io import to_uint8
 from entropy import packet as pk
 from rtc.impairment import LinkConfig
 from rtc.playout import Outcome
@@ -45,7 +46,7 @@ def measure_recovery(model: IMFCodec, frames: list[Tensor], fps: float, settings
         raise ValueError(f"the call has {len(keyframes)} keyframes; cannot lose number {ref}")
     lost = keyframes[ref]
     replacement = next((p.frame for p in lossy.played[lost + 1:] if p.outcome == Outcome.KEYFRAME), None)
-    source = [(x[0].permute(1, 2, 0) * 255).round().byte().numpy() for x in frames]
+    source = [to_uint8(x) for x in frames]
     a = np.array([frame_psnr(p.image, s) for p, s in zip(lossy.played, source)])
     b = np.array([frame_psnr(p.image, s) for p, s in zip(clean.played, source)])
     ok = a >= b - TOLERANCE_DB

@@ -16,6 +16,7 @@ on the sender's clock) to display (its picture ready on the receiver), on the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import threading
@@ -46,6 +47,7 @@ from rtc.signalling import SignallingError, answer_one, offer_to
 from rtc.source import Source, open_source
 
 STRAGGLERS = 0.3  # seconds the receiver keeps listening after the sender says bye
+REPORT_GRACE = 10.0  # seconds the receiver waits for the sender to hang up after the report
 
 
 class CallError(Exception):
@@ -93,6 +95,12 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
             report.set_exception(CallError(f"receiver: {msg['error']}"))
 
     control.on("message", on_control)
+
+    @pc.on("connectionstatechange")
+    def on_state() -> None:
+        if pc.connectionState in ("failed", "closed") and not report.done():
+            report.set_exception(CallError("the receiver hung up before sending its report"))
+
     sender = Sender(model, settings)
     pool = ThreadPoolExecutor(1)  # the model's thread: Sender state is touched by it only
     try:
@@ -237,9 +245,12 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
         if {MEDIA, CONTROL} <= channels.keys():
             both.set()
 
+    hung_up = asyncio.Event()
+
     @pc.on("connectionstatechange")
     def on_state() -> None:
         if pc.connectionState in ("failed", "closed"):
+            hung_up.set()
             control_msgs.put_nowait({"bye": {}})  # the sender is gone: end with what arrived
 
     async def answer(offer):
@@ -266,7 +277,9 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
             packets_sent=bye.get("packets_sent", 0), packets_lost=bye.get("packets_dropped", 0),
             media_bytes=bye.get("media_bytes", 0), feedback_bytes=session.feedback.bytes)
         channels[CONTROL].send(json.dumps({"report": asdict(report)}))
-        await asyncio.sleep(0.2)  # let the report leave before the connection closes
+        # the sender hangs up once it has the report; closing first could lose it
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(hung_up.wait(), REPORT_GRACE)
         return report
     except asyncio.TimeoutError:
         raise CallError("the call timed out waiting for the sender") from None

@@ -91,7 +91,3 @@ def simulate_call(model: IMFCodec, frames: Iterable[Tensor], fps: float, setting
     deliver_until(float("inf"))
     call.played += playout.finish(len(call.sent))
     return call
-
-
-def source_images(frames: list[Tensor]) -> list[np.ndarray]:
-    return [to_uint8(x) for x in frames]
