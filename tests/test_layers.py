@@ -59,3 +59,32 @@ def test_guided_window_attention_follows_the_flow():
     assert torch.allclose(moved[..., 1:-1, :-2], still[..., 1:-1, 1:-1], atol=1e-3)
     assert torch.allclose(moved_px[..., 1:-1, :-2], still_px[..., 1:-1, 1:-1], atol=1e-3)
     assert not torch.allclose(moved, still, atol=1e-2)
+
+
+def test_soft_keypoints_find_a_peak():
+    from codec.token_encoder import SoftKeypoints
+
+    kp = SoftKeypoints(4, 2)
+    with torch.no_grad():
+        kp.heatmaps.weight.zero_()
+        kp.heatmaps.bias.zero_()
+        kp.heatmaps.weight[0, 0, 1, 1] = 50.0  # heatmap 0 = 50 * channel 0; heatmap 1 flat
+    h = torch.zeros(1, 4, 8, 8)
+    h[0, 0, 2, 5] = 1.0
+    where = kp(h)
+    # pixel (2, 5) of an 8x8 grid has its centre at ((2.5 / 8) * 2 - 1, (5.5 / 8) * 2 - 1)
+    assert torch.allclose(where[0, 0], torch.tensor([-0.375, 0.375]), atol=1e-3)
+    assert torch.allclose(where[0, 1], torch.zeros(2), atol=1e-6)  # a flat heatmap points at the centre
+
+
+def test_token_translation_shifts_the_fourier_plane():
+    from codec.token_decoder import AffineFourierFeatures
+
+    plane = AffineFourierFeatures(style_dim=4, channels=16)
+    w = torch.zeros(1, 4)
+    still = plane(w, (6, 6))
+    with torch.no_grad():
+        plane.to_affine.bias[4] = 2 / 6  # one grid cell down, in [-1, 1] units
+    moved = plane(w, (6, 6))
+    assert torch.allclose(moved[..., :-1, :], still[..., 1:, :], atol=1e-5)
+    assert not torch.allclose(moved, still, atol=1e-2)

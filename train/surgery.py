@@ -1,0 +1,50 @@
+"""Start a new training stage from an older one's weights, with recorded edits.
+
+    python -m train.surgery SOURCE OUT.safetensors [--locality SCALE=VALUE ...] [--token-step-factor F]
+
+SOURCE is a run's checkpoint.pt or a weights file. Modules the current code has and SOURCE lacks
+keep their initialisation (seeded, so the output is reproducible). The edits are the ones the
+default model's history needed (MODEL.md): relaxing one scale's attention locality, and scaling
+the token quantization step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from codec.config import get_config
+from codec.model import build_model
+from codec.weights import load_weights, save_weights
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.surgery", description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--locality", action="append", default=[], metavar="SCALE=VALUE",
+                        help="set the cross-attention locality of scale SCALE (0 = finest) to VALUE")
+    parser.add_argument("--token-step-factor", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.source.suffix == ".pt":
+        ckpt = torch.load(args.source, weights_only=True)
+        model = build_model(get_config(ckpt["config"]["model"]))
+        result = model.load_state_dict(ckpt["model"], strict=False)
+        print(f"{args.source} (step {ckpt['step']}): initialised anew: {result.missing_keys}")
+    else:
+        model = load_weights(args.source, strict=False)
+    with torch.no_grad():
+        for edit in args.locality:
+            scale, value = edit.split("=")
+            model.alignment.cross[int(scale)].log_locality.fill_(math.log(float(value)))
+        model.token_log_step += math.log(args.token_step_factor)
+    save_weights(model, args.out)
+    print(f"{args.out}: written")
+
+
+if __name__ == "__main__":
+    main()
