@@ -115,6 +115,20 @@ def _ms_ssim_few_scales(x: torch.Tensor, y: torch.Tensor, scales: int) -> torch.
     return torch.prod(stack ** w.view(-1, 1, 1), dim=0).mean(1)
 
 
+def _ms_ssim(x: torch.Tensor, x_hat: torch.Tensor, scales: int) -> torch.Tensor:
+    if scales == len(MS_SSIM_WEIGHTS):
+        return ms_ssim(x_hat, x, data_range=1.0, size_average=False)
+    return _ms_ssim_few_scales(x_hat, x, scales)
+
+
+@torch.no_grad()
+def ms_ssim_frames(x: np.ndarray, x_hat: np.ndarray) -> np.ndarray:
+    """Per-frame MS-SSIM of (T, H, W, 3) uint8 frames (fewer scales for small frames)."""
+    scales = ms_ssim_scales(min(x.shape[1:3]))
+    out = [_ms_ssim(_tensor(x[i:i + BATCH]), _tensor(x_hat[i:i + BATCH]), scales) for i in range(0, len(x), BATCH)]
+    return torch.cat(out).double().numpy()
+
+
 @torch.no_grad()
 def structural(x: np.ndarray, x_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame (SSIM, MS-SSIM, GMSD) of (T, H, W, 3) uint8 frames."""
@@ -123,8 +137,7 @@ def structural(x: np.ndarray, x_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray
     for i in range(0, len(x), BATCH):
         a, b = _tensor(x[i:i + BATCH]), _tensor(x_hat[i:i + BATCH])
         out[0].append(ssim(b, a, data_range=1.0, size_average=False))
-        out[1].append(ms_ssim(b, a, data_range=1.0, size_average=False) if scales == len(MS_SSIM_WEIGHTS)
-                      else _ms_ssim_few_scales(b, a, scales))
+        out[1].append(_ms_ssim(a, b, scales))
         out[2].append(piq.gmsd(b, a, data_range=1.0, reduction="none"))
     return tuple(torch.cat(o).double().numpy() for o in out)
 

@@ -14,7 +14,7 @@ from codec.video_io import to_uint8
 from entropy import packet as pk
 from rtc.impairment import LinkConfig
 from rtc.playout import Outcome
-from rtc.report import frame_psnr
+from codec.metrics import psnr_rgb
 from rtc.simulate import SimulatedCall, simulate_call
 
 TOLERANCE_DB = 1.0  # "normal quality": within this of the clean call's PSNR ...
@@ -47,8 +47,9 @@ def measure_recovery(model: IMFCodec, frames: list[Tensor], fps: float, settings
     lost = keyframes[ref]
     replacement = next((p.frame for p in lossy.played[lost + 1:] if p.outcome == Outcome.KEYFRAME), None)
     source = [to_uint8(x) for x in frames]
-    a = np.array([frame_psnr(p.image, s) for p, s in zip(lossy.played, source)])
-    b = np.array([frame_psnr(p.image, s) for p, s in zip(clean.played, source)])
+    n = min(len(source), len(lossy.played), len(clean.played))
+    a = psnr_rgb(np.stack(source[:n]), np.stack([p.image for p in lossy.played[:n]]))
+    b = psnr_rgb(np.stack(source[:n]), np.stack([p.image for p in clean.played[:n]]))
     ok = a >= b - TOLERANCE_DB
     back = next((f for f in range(lost, len(ok) - HOLD_FRAMES + 1) if ok[f:f + HOLD_FRAMES].all()), None)
     end = back if back is not None and back > lost else len(a)

@@ -5,24 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from pytorch_msssim import ms_ssim
 
+from codec.metrics import ms_ssim_frames, psnr_rgb
 from rtc.playout import Outcome, PlayedFrame
-
-MIN_MSSSIM_SIZE = 161  # 5-scale MS-SSIM with an 11-pixel window needs frames larger than 160
-
-
-def frame_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255**2 / max(mse, 1e-10)))
-
-
-def frame_msssim(a: np.ndarray, b: np.ndarray) -> float | None:
-    if min(a.shape[:2]) < MIN_MSSSIM_SIZE:
-        return None
-    x, y = (torch.from_numpy(np.ascontiguousarray(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
-    return float(ms_ssim(x, y, data_range=1.0))
 
 
 @dataclass
@@ -51,11 +36,13 @@ class CallReport:
         return "\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in d.items())
 
 
-def quality(played: list[PlayedFrame], source: list[np.ndarray]) -> tuple[list[float], list[float | None]]:
+def quality(played: list[PlayedFrame], source: list[np.ndarray]) -> tuple[list[float], list[float]]:
     """Per-frame PSNR and MS-SSIM of the pictures shown against the source frames."""
     n = min(len(played), len(source))
-    return ([frame_psnr(p.image, s) for p, s in zip(played[:n], source[:n])],
-            [frame_msssim(p.image, s) for p, s in zip(played[:n], source[:n])])
+    if n == 0:
+        return [], []
+    shown, src = np.stack([p.image for p in played[:n]]), np.stack(source[:n])
+    return psnr_rgb(src, shown).tolist(), ms_ssim_frames(src, shown).tolist()
 
 
 def summarize(played: list[PlayedFrame], source: list[np.ndarray], fps: float, captured: list[float],
@@ -67,7 +54,6 @@ def summarize(played: list[PlayedFrame], source: list[np.ndarray], fps: float, c
     latency = [1000 * (p.shown_at - captured[p.frame]) for p in played
                if p.shown_at is not None and p.frame < len(captured)]
     psnr, msssim = quality(played, source)
-    ms = [v for v in msssim if v is not None]
     return CallReport(
         frames=len(played), keyframes=count[Outcome.KEYFRAME], tokens=count[Outcome.TOKEN],
         concealed=count[Outcome.CONCEALED], held=count[Outcome.HELD], not_sent=not_sent,
@@ -75,7 +61,7 @@ def summarize(played: list[PlayedFrame], source: list[np.ndarray], fps: float, c
         packets_lost=packets_lost, kbps=8 * media_bytes / 1000 / seconds,
         feedback_kbps=8 * feedback_bytes / 1000 / seconds,
         delivered_fps=(len(played) - count[Outcome.HELD]) / seconds,
-        psnr=float(np.mean(psnr)) if psnr else float("nan"), msssim=float(np.mean(ms)) if ms else None,
+        psnr=float(np.mean(psnr)) if psnr else float("nan"), msssim=float(np.mean(msssim)) if msssim else None,
         latency_ms_mean=float(np.mean(latency)) if latency else None,
         latency_ms_p50=float(np.percentile(latency, 50)) if latency else None,
         latency_ms_p95=float(np.percentile(latency, 95)) if latency else None,
