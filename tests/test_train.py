@@ -10,7 +10,7 @@ import torch
 from codec.model import build_model
 from codec.weights import load_weights, save_weights
 from train.config import PRESETS, parse_config
-from train.data import ClipCache, Split, TripletSampler, make_split
+from train.data import ClipCache, Split, TripletSampler, camera_motion, make_split
 from train.loop import build_state, load_checkpoint, save_checkpoint, train, train_step
 
 from .conftest import moving_square_clip
@@ -50,6 +50,24 @@ def test_split_is_by_clip_and_loader_stays_inside(cache_dir):
     # validation clips are not in the training cache at all
     with pytest.raises(FileNotFoundError, match="prepare-data"):
         ClipCache(marked, split.val)
+
+
+def test_camera_motion_moves_previous_and_current_together(cache_dir):
+    clip = torch.from_numpy(moving_square_clip(3, 64, seed=0)).permute(0, 3, 1, 2).float() / 255
+    moved = camera_motion(clip, np.random.default_rng(1))
+    assert torch.equal(moved[0], clip[0])  # the reference stays
+    assert not torch.allclose(moved[2], clip[2], atol=0.05)  # the current frame moved
+    # previous and current share one transform: a frame moved alone equals its moved copy
+    alone = camera_motion(torch.stack([clip[0], clip[2], clip[2]]), np.random.default_rng(1))
+    assert torch.allclose(alone[1], moved[2], atol=1e-6)
+    # off by default, and then the sampler's random stream is the one it always was
+    split = Split.load(cache_dir / "split.json")
+    plain = TripletSampler(ClipCache(cache_dir, split.train), 32, 4, seed=0).sample()
+    off = TripletSampler(ClipCache(cache_dir, split.train), 32, 4, seed=0, camera_motion=0.0).sample()
+    on = TripletSampler(ClipCache(cache_dir, split.train), 32, 4, seed=0, camera_motion=1.0).sample()
+    assert torch.equal(plain, off)
+    # the first triplet is drawn before the motion's draws: same reference, moved current frame
+    assert torch.equal(on[0, 0], plain[0, 0]) and not torch.equal(on[2, 0], plain[2, 0])
 
 
 def test_training_reduces_loss_on_a_fixed_batch(cache_dir, tmp_path):

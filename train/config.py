@@ -27,6 +27,7 @@ class TrainConfig:
     rate_ramp: int = 1000
     token_rate_start: int = 4000  # the token rate later: first the tokens must learn to carry motion
     msssim_weight: float = 0.3  # MS-SSIM share of the distortion, ramped in with the rate weights
+    camera_motion: float = 0.0  # share of samples whose current frame is also moved by a random similarity
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 2

@@ -71,6 +71,24 @@ def augment(frames: Tensor, rng: np.random.Generator, resolution: int) -> Tensor
     return frames.clamp(0, 1)
 
 
+def camera_motion(frames: Tensor, rng: np.random.Generator, shift: float = 0.1, scale: float = 0.1,
+                  degrees: float = 8.0) -> Tensor:
+    """Move the previous and current frames of a triplet (3, 3, R, R) by one random similarity
+    transform (as if the camera had moved), leaving the reference as it is.
+
+    Synthetic motion whose every pixel follows one known map: the easiest motion there is for the
+    token to describe and for the alignment to follow, mixed into real pairs to teach both."""
+    angle = np.deg2rad(rng.uniform(-degrees, degrees))
+    s = rng.uniform(1 - scale, 1 + scale)
+    tx, ty = rng.uniform(-shift, shift, size=2) * 2  # grid units: the frame spans [-1, 1]
+    theta = torch.tensor([[s * np.cos(angle), -s * np.sin(angle), tx],
+                          [s * np.sin(angle), s * np.cos(angle), ty]], dtype=frames.dtype)
+    moving = frames[1:]
+    grid = F.affine_grid(theta.expand(len(moving), 2, 3), list(moving.shape), align_corners=False)
+    moved = F.grid_sample(moving, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return torch.cat([frames[:1], moved])
+
+
 def resize(frames: Tensor, resolution: int) -> Tensor:
     if frames.shape[-1] == resolution:
         return frames
@@ -79,12 +97,14 @@ def resize(frames: Tensor, resolution: int) -> Tensor:
 
 class TripletSampler:
     """Random (reference, previous, current) triplets: a random clip (weighted by sqrt of its length),
-    a random reference frame and a current frame at a random distance; previous = current - 1."""
+    a random reference frame and a current frame at a random distance; previous = current - 1.
+    With probability ``camera_motion``, previous and current are also moved by `camera_motion`."""
 
-    def __init__(self, cache: ClipCache, resolution: int, batch_size: int, seed: int):
+    def __init__(self, cache: ClipCache, resolution: int, batch_size: int, seed: int, camera_motion: float = 0.0):
         self.cache = cache
         self.resolution = resolution
         self.batch_size = batch_size
+        self.camera_motion = camera_motion
         self.rng = np.random.default_rng(seed)
         lengths = np.array([len(c) for c in cache.clips], dtype=np.float64)
         self.weights = np.sqrt(lengths) / np.sqrt(lengths).sum()
@@ -96,7 +116,11 @@ class TripletSampler:
             clip = self.cache.clips[self.rng.choice(len(self.cache), p=self.weights)]
             ref, cur = self.rng.integers(0, len(clip), size=2)
             prev = max(cur - 1, 0)
-            out.append(augment(_to_float(clip[[ref, prev, cur]]), self.rng, self.resolution))
+            frames = augment(_to_float(clip[[ref, prev, cur]]), self.rng, self.resolution)
+            # no draw when off, so runs without it keep their random streams
+            if self.camera_motion > 0 and self.rng.random() < self.camera_motion:
+                frames = camera_motion(frames, self.rng)
+            out.append(frames)
         return torch.stack(out, 1)
 
     def state(self) -> dict:

@@ -227,7 +227,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
 
     split = Split.load(Path(cfg.split))
     sampler = TripletSampler(ClipCache(cfg.data_dir, split.train), cfg.resolution, cfg.batch_size // world.size,
-                             cfg.seed + world.rank)
+                             cfg.seed + world.rank, cfg.camera_motion)
     val_triplets = validation_triplets(ClipCache(cfg.data_dir, split.val), cfg.resolution).to(world.device)
 
     state = build_state(cfg, world)
