@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from codec.model import IMFCodec
-from codec.pipeline import Decoder, Encoder, EncoderSettings
+from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import Box, FrameWriter, VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.weights import model_id
 from entropy.bitstream import BitstreamError, Chunk, ChunkType, Header, read_stream, write_stream
@@ -64,17 +64,17 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     fps = info.fps if info.fps > 0 else Fraction(25)
     header = Header(
         preset=model.cfg.name, model_id=model_id(model), width=r, height=r, fps_num=fps.numerator,
-        fps_den=fps.denominator, frames=len(chunks), bank_size=settings.bank_size, source_width=info.width,
+        fps_den=fps.denominator, frames=len(quality), bank_size=settings.bank_size, source_width=info.width,
         source_height=info.height, crop_left=max(box.left, 0), crop_top=max(box.top, 0), crop_size=box.size)
-    data = write_stream(header, chunks)
+    data = write_stream(header, pack_token_runs(model, chunks))
     _write_atomic(dst, data)
     return EncodeSummary(
-        frames=len(chunks),
+        frames=len(quality),
         keyframes=sum(c.type == ChunkType.KEYFRAME for c in chunks),
         bytes=len(data),
-        kbps=bits_to_kbps(8 * len(data), len(chunks), float(fps)),
+        kbps=bits_to_kbps(8 * len(data), len(quality), float(fps)),
         psnr=float(np.mean(quality)),
-        fps=len(chunks) / seconds,
+        fps=len(quality) / seconds,
     )
 
 
@@ -100,16 +100,20 @@ def decode_file(src: Path, dst: Path, model: IMFCodec, upscale: bool = False, pr
     writer = FrameWriter(dst, fps)
     start = time.perf_counter()
     try:
-        for chunk in tqdm(chunks, desc="decode", unit="frame", disable=None if progress else True, leave=False):
-            frame = to_uint8(decoder.decode(chunk))
-            if size != header.width:
-                frame = crop_resize(frame, Box(0, 0, header.width), size)
-            writer.write(frame)
+        with tqdm(total=header.frames, desc="decode", unit="frame", disable=None if progress else True,
+                  leave=False) as bar:
+            for chunk in chunks:
+                for x_hat in decoder.decode_frames(chunk):
+                    frame = to_uint8(x_hat)
+                    if size != header.width:
+                        frame = crop_resize(frame, Box(0, 0, header.width), size)
+                    writer.write(frame)
+                    bar.update()
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    return DecodeSummary(len(chunks), size, size, len(chunks) / (time.perf_counter() - start))
+    return DecodeSummary(header.frames, size, size, header.frames / (time.perf_counter() - start))
 
 
 def _check_writable(dst: Path) -> None:

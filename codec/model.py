@@ -127,13 +127,22 @@ class IMFCodec(CompressionModel):
         if u_prev_hat is None:
             data = encode_symbols(self.token_prior, u[..., None])
         else:
-            data = encode_symbols(self.token_delta_prior, (u - u_prev_hat)[..., None])
+            data = self.compress_deltas(u - u_prev_hat)
         return data, self.decompress_token(data, u_prev_hat)
 
     def decompress_token(self, data: bytes, u_prev_hat: Tensor | None) -> Tensor:
         if u_prev_hat is None:
             return decode_symbols(self.token_prior, data, (1,))[..., 0]
-        return u_prev_hat + decode_symbols(self.token_delta_prior, data, (1,))[..., 0]
+        return u_prev_hat + self.decompress_deltas(data, 1)[0]
+
+    # A run of token deltas in one rANS stream pays the coder's flush (8 bytes) once, not per frame.
+    def compress_deltas(self, deltas: Tensor) -> bytes:
+        """Quantized token deltas (n, d) -> one rANS stream."""
+        return encode_symbols(self.token_delta_prior, deltas.T[None])
+
+    def decompress_deltas(self, data: bytes, n: int) -> Tensor:
+        """Inverse of compress_deltas -> (n, d)."""
+        return decode_symbols(self.token_delta_prior, data, (n,))[0].T
 
 
 def build_model(cfg: IMFConfig) -> IMFCodec:

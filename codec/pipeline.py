@@ -5,6 +5,9 @@ exactly what a decoder will produce, and a frame whose reconstruction falls belo
 floor, or comes after ``max_keyframe_interval`` frames, is sent as a keyframe instead. Keyframes
 join a bank of at most ``bank_size`` references (oldest evicted) that the decoder mirrors.
 
+For files, `pack_token_runs` then recodes each run of token frames between keyframes as one
+rANS stream (the per-frame chunks stay, for the streaming path that sends frames one by one).
+
 Frames are (1, 3, R, R) floats in [0, 1] at the model's resolution. Reconstructions are rounded
 to the 8-bit grid before they are used as references, so both sides keep identical references.
 """
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor
 
 from codec.model import IMFCodec, Reference
-from entropy.bitstream import BitstreamError, Chunk, ChunkType, KeyframePayload
+from entropy.bitstream import BitstreamError, Chunk, ChunkType, KeyframePayload, TokenRunPayload
 
 
 def to_8bit(x: Tensor) -> Tensor:
@@ -94,6 +97,29 @@ class Encoder:
         return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
 
+def pack_token_runs(model: IMFCodec, chunks: list[Chunk]) -> list[Chunk]:
+    """Each run of FRAME chunks -> one TOKEN_RUN chunk with the same token deltas, so the run pays
+    the rANS flush and the chunk framing once (a token frame's ~2 bytes of information came with
+    ~12 bytes of both)."""
+    out: list[Chunk] = []
+    run: list[Tensor] = []
+
+    def flush() -> None:
+        if run:
+            payload = TokenRunPayload(len(run), model.compress_deltas(torch.cat(run)))
+            out.append(Chunk(ChunkType.TOKEN_RUN, payload.to_bytes()))
+            run.clear()
+
+    for chunk in chunks:
+        if chunk.type == ChunkType.FRAME:
+            run.append(model.decompress_deltas(chunk.payload, 1))  # the exact quantized delta
+        else:
+            flush()
+            out.append(chunk)
+    flush()
+    return out
+
+
 def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tensor, bank_size: int) -> None:
     state.bank = (state.bank + [model.reference(x_hat, u_hat)])[-bank_size:]
     state.u_prev_hat = u_hat
@@ -108,15 +134,32 @@ class Decoder:
         self.state = CodecState()
 
     @torch.no_grad()
+    def decode_frames(self, chunk: Chunk) -> list[Tensor]:
+        """Any chunk -> its frames, (1, 3, R, R) each. Raises BitstreamError on a payload that cannot be decoded."""
+        if chunk.type != ChunkType.TOKEN_RUN:
+            return [self.decode(chunk)]
+        run = TokenRunPayload.from_bytes(chunk.payload)
+        if not self.state.bank:
+            raise BitstreamError("a frame before any keyframe")
+        return [self._token_frame(delta[None]) for delta in self.model.decompress_deltas(run.tokens, run.frames)]
+
+    @torch.no_grad()
     def decode(self, chunk: Chunk) -> Tensor:
-        """One chunk -> (1, 3, R, R) frame. Raises BitstreamError on a payload that cannot be decoded."""
+        """A keyframe or token frame chunk -> (1, 3, R, R) frame. Raises BitstreamError on a payload that
+        cannot be decoded."""
         st = self.state
+        if chunk.type == ChunkType.TOKEN_RUN:
+            raise BitstreamError("a token run holds several frames: decode it with decode_frames")
         if chunk.type == ChunkType.KEYFRAME:
             u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload), self.resolution)
             add_reference(self.model, st, x_hat, u_hat, self.bank_size)
             return x_hat
         if not st.bank:
             raise BitstreamError("a frame before any keyframe")
-        st.u_prev_hat = self.model.decompress_token(chunk.payload, st.u_prev_hat)
+        return self._token_frame(self.model.decompress_deltas(chunk.payload, 1))
+
+    def _token_frame(self, delta: Tensor) -> Tensor:
+        st = self.state
+        st.u_prev_hat = st.u_prev_hat + delta
         st.since_keyframe += 1
         return render(self.model, st.u_prev_hat, st.bank)

@@ -22,7 +22,7 @@ import numpy as np
 from codec.anchors import Anchor, round_trip
 from codec.metrics import FrameScores, score
 from codec.model import IMFCodec
-from codec.pipeline import Encoder, EncoderSettings
+from codec.pipeline import Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.weights import model_id
 from entropy.bitstream import ChunkType, Header, write_stream
@@ -119,7 +119,7 @@ def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[i
     header = Header(preset=model.cfg.name, model_id=model_id(model), width=r, height=r,
                     fps_num=clip.fps.numerator, fps_den=clip.fps.denominator, frames=len(coded),
                     bank_size=settings.bank_size, source_width=r, source_height=r, crop_left=0, crop_top=0, crop_size=r)
-    size = len(write_stream(header, [c.chunk for c in coded]))
+    size = len(write_stream(header, pack_token_runs(model, [c.chunk for c in coded])))
     keyframes = sum(c.chunk.type == ChunkType.KEYFRAME for c in coded)
     return size, keyframes, np.array([to_uint8(c.x_hat) for c in coded]), len(coded) / seconds
 

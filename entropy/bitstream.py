@@ -1,4 +1,5 @@
-"""The .imfc container: a header, then one self-delimiting chunk per frame. See docs/bitstream.md.
+"""The .imfc container: a header, then self-delimiting chunks (a keyframe, or a run of token
+frames). See docs/bitstream.md.
 
     file   = header chunk*
     header = "IMFC" version:u8 length:u16 fields[length] crc32:u32
@@ -17,7 +18,7 @@ from enum import IntEnum
 from typing import Iterator
 
 MAGIC = b"IMFC"
-VERSION = 1
+VERSION = 2  # 2 added token runs; version 1 streams (one chunk per token frame) still read
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
 
@@ -29,6 +30,7 @@ class BitstreamError(Exception):
 class ChunkType(IntEnum):
     KEYFRAME = 1  # a new reference: its token and its image, coded on their own
     FRAME = 2  # a token, coded as a delta from the previous frame's token
+    TOKEN_RUN = 3  # the tokens of consecutive frames, each a delta from the one before, in one rANS stream
 
 
 _HEADER_FIELDS = struct.Struct("<8sHHIIIBHHHHH")
@@ -117,6 +119,11 @@ class Chunk:
     type: ChunkType
     payload: bytes
 
+    @property
+    def frames(self) -> int:
+        """Frames this chunk holds. Raises BitstreamError on a malformed token run."""
+        return TokenRunPayload.from_bytes(self.payload).frames if self.type == ChunkType.TOKEN_RUN else 1
+
     def to_bytes(self) -> bytes:
         head = bytes([self.type]) + _varint(len(self.payload))
         return head + self.payload + struct.pack("<I", zlib.crc32(head + self.payload))
@@ -179,6 +186,22 @@ class KeyframePayload:
         return KeyframePayload(payload[pos:pos + n], payload[pos + n:])
 
 
+@dataclass(frozen=True)
+class TokenRunPayload:
+    frames: int
+    tokens: bytes  # rANS bytes of the frames' token deltas, frame after frame
+
+    def to_bytes(self) -> bytes:
+        return _varint(self.frames) + self.tokens
+
+    @staticmethod
+    def from_bytes(payload: bytes) -> "TokenRunPayload":
+        n, pos = _read_varint(payload, 0)
+        if n == 0:
+            raise BitstreamError("malformed token run (no frames)")
+        return TokenRunPayload(n, payload[pos:])
+
+
 def write_stream(header: Header, chunks: list[Chunk]) -> bytes:
     return header.to_bytes() + b"".join(c.to_bytes() for c in chunks)
 
@@ -187,8 +210,12 @@ def read_stream(data: bytes) -> tuple[Header, list[Chunk]]:
     """Parse a whole stream, checking every CRC and that the frame count matches the header."""
     header, pos = Header.from_bytes(data)
     chunks = list(iter_chunks(data, pos))
-    if len(chunks) != header.frames:
-        raise BitstreamError(f"truncated: header announces {header.frames} frames, stream holds {len(chunks)}")
+    if header.version < 2 and any(c.type == ChunkType.TOKEN_RUN for c in chunks):
+        raise BitstreamError(f"a token run in a version {header.version} stream")
+    frames = sum(c.frames for c in chunks)
+    if frames != header.frames:
+        problem = "truncated" if frames < header.frames else "malformed"
+        raise BitstreamError(f"{problem}: header announces {header.frames} frames, stream holds {frames}")
     if chunks and chunks[0].type != ChunkType.KEYFRAME:
         raise BitstreamError("chunk 0: a stream must start with a keyframe")
     return header, chunks

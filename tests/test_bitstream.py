@@ -1,11 +1,13 @@
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entropy.bitstream import (
-    VERSION, BitstreamError, Chunk, ChunkType, Header, KeyframePayload, iter_chunks, read_stream, resync, write_stream,
+    VERSION, BitstreamError, Chunk, ChunkType, Header, KeyframePayload, TokenRunPayload, iter_chunks, read_stream, resync,
+    write_stream,
 )
 
 headers = st.builds(
@@ -44,6 +46,26 @@ def test_chunks_round_trip(items):
 def test_keyframe_payload_round_trip(token, image):
     p = KeyframePayload(token, image)
     assert KeyframePayload.from_bytes(p.to_bytes()) == p
+
+
+@given(st.integers(1, 2**28 - 1), st.binary(max_size=100))
+def test_token_run_payload_round_trip(frames, tokens):
+    p = TokenRunPayload(frames, tokens)
+    assert TokenRunPayload.from_bytes(p.to_bytes()) == p
+
+
+def test_token_runs_count_their_frames():
+    key = Chunk(ChunkType.KEYFRAME, KeyframePayload(b"tok", bytes(50)).to_bytes())
+    run = Chunk(ChunkType.TOKEN_RUN, TokenRunPayload(7, b"rans").to_bytes())
+    assert read_stream(write_stream(header(9), [key, run, Chunk(ChunkType.FRAME, b"x")]))[1][1].frames == 7
+    with pytest.raises(BitstreamError, match="truncated: header announces 10 frames, stream holds 8"):
+        read_stream(write_stream(header(10), [key, run]))
+    with pytest.raises(BitstreamError, match="malformed: header announces 3 frames, stream holds 8"):
+        read_stream(write_stream(header(3), [key, run]))
+    with pytest.raises(BitstreamError, match="no frames"):
+        read_stream(write_stream(header(1), [key, Chunk(ChunkType.TOKEN_RUN, b"\x00rans")]))
+    with pytest.raises(BitstreamError, match="token run in a version 1 stream"):
+        read_stream(write_stream(replace(header(8), version=1), [key, run]))
 
 
 def sample_stream(n=10):

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from codec.files import decode_file, encode_file, read_bitstream
-from codec.pipeline import Decoder, Encoder, EncoderSettings
+from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.weights import load_weights
-from entropy.bitstream import ChunkType
+from dataclasses import replace
+
+from entropy.bitstream import ChunkType, write_stream
 
 ALWAYS_TOKENS = EncoderSettings(quality_floor=0.0, max_keyframe_interval=5, bank_size=2)
 
@@ -49,6 +51,38 @@ def test_in_process_decode_equals_closed_loop(tiny_weights, synthetic_video):
     decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, ALWAYS_TOKENS.bank_size)
     for e in encoded:
         assert torch.equal(decoder.decode(e.chunk), e.x_hat)
+
+
+def test_token_runs_hold_the_same_frames_in_fewer_bytes(tiny_weights, synthetic_video):
+    model = load_weights(tiny_weights)
+    encoder = Encoder(model, ALWAYS_TOKENS)
+    encoded = [encoder.encode(x) for x in model_frames(synthetic_video, model.cfg.resolution)]
+    single = [e.chunk for e in encoded]
+    packed = pack_token_runs(model, single)
+    assert [c.type for c in packed] == [ChunkType.KEYFRAME, ChunkType.TOKEN_RUN] * 2
+    assert [c.frames for c in packed] == [1, 5, 1, 5]
+    token_bytes = [sum(len(c.to_bytes()) for c in chunks if c.type != ChunkType.KEYFRAME) for chunks in (single, packed)]
+    assert token_bytes[1] < token_bytes[0] - 10 * 6  # at least the 6 bytes of chunk framing per frame saved
+    decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, ALWAYS_TOKENS.bank_size)
+    decoded = [x for c in packed for x in decoder.decode_frames(c)]
+    assert all(torch.equal(a, e.x_hat) for a, e in zip(decoded, encoded, strict=True))
+
+
+def test_version_1_streams_still_decode(tiny_weights, synthetic_video, tmp_path):
+    """One chunk per token frame and format version 1, as imfc wrote before token runs."""
+    model = load_weights(tiny_weights)
+    new = tmp_path / "new.imfc"
+    encode_file(synthetic_video, new, model, ALWAYS_TOKENS, progress=False)
+    header, _ = read_bitstream(new, model)
+    encoder = Encoder(model, ALWAYS_TOKENS)
+    chunks = [encoder.encode(x).chunk for x in model_frames(synthetic_video, model.cfg.resolution)]
+    old = tmp_path / "old.imfc"
+    old.write_bytes(write_stream(replace(header, version=1), chunks))
+    a, b = tmp_path / "a", tmp_path / "b"
+    decode_file(new, a, model, progress=False)
+    decode_file(old, b, model, progress=False)
+    pngs = sorted(a.glob("*.png"))
+    assert len(pngs) == 12 and all(np.array_equal(np.array(Image.open(p)), np.array(Image.open(b / p.name))) for p in pngs)
 
 
 def test_quality_floor_forces_keyframes(tiny_weights, synthetic_video):

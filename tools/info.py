@@ -23,19 +23,22 @@ def main(argv: list[str] | None = None) -> int:
         size = args.input.stat().st_size
         fps = h.fps_num / max(h.fps_den, 1)
         key = [c for c in chunks if c.type == ChunkType.KEYFRAME]
-        frame = [c for c in chunks if c.type == ChunkType.FRAME]
+        frame = [c for c in chunks if c.type != ChunkType.KEYFRAME]  # single token frames and token runs
+        token_frames = sum(c.frames for c in frame)
         print(f"format version {h.version}, model {h.preset} ({h.model_id.hex()})")
         print(f"{h.width}x{h.height} at {fps:.3f} fps, {h.frames} frames ({h.frames / fps:.2f} s), bank of {h.bank_size}")
         print(f"source {h.source_width}x{h.source_height}, crop {h.crop_size}x{h.crop_size} at ({h.crop_left}, {h.crop_top})")
         key_bytes = sum(len(c.to_bytes()) for c in key)
         frame_bytes = sum(len(c.to_bytes()) for c in frame)
         print(f"keyframes: {len(key)}, {key_bytes} bytes" + (f" ({key_bytes / len(key):.0f} per keyframe)" if key else ""))
-        print(f"token frames: {len(frame)}, {frame_bytes} bytes" + (f" ({frame_bytes / len(frame):.1f} per frame)" if frame else ""))
+        runs = sum(c.type == ChunkType.TOKEN_RUN for c in frame)
+        print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "") + f", {frame_bytes} bytes"
+              + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
         print(f"total: {size} bytes, {bits_to_kbps(8 * size, h.frames, fps):.2f} kbps "
               f"(token frames alone {bits_to_kbps(8 * frame_bytes, h.frames, fps):.2f} kbps)")
         if args.chunks:
             for i, c in enumerate(chunks):
-                print(f"{i:6d} {c.type.name:<8} {len(c.to_bytes()):7d} bytes")
+                print(f"{i:6d} {c.type.name:<9} {c.frames:5d} frames {len(c.to_bytes()):7d} bytes")
         return 0
 
     return run("imfc info", action)
