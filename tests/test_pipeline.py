@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,6 @@ from codec.files import decode_file, encode_file, read_bitstream
 from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.weights import load_weights
-from dataclasses import replace
-
 from entropy.bitstream import ChunkType, write_stream
 
 ALWAYS_TOKENS = EncoderSettings(quality_floor=0.0, max_keyframe_interval=5, bank_size=2)
