@@ -15,6 +15,7 @@ to the 8-bit grid before they are used as references, so both sides keep identic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -133,15 +134,20 @@ class Decoder:
         self.bank_size = bank_size
         self.state = CodecState()
 
-    @torch.no_grad()
-    def decode_frames(self, chunk: Chunk) -> list[Tensor]:
-        """Any chunk -> its frames, (1, 3, R, R) each. Raises BitstreamError on a payload that cannot be decoded."""
+    def decode_frames(self, chunk: Chunk) -> Iterator[Tensor]:
+        """Any chunk -> its frames, (1, 3, R, R) each, one at a time (a run of 250 frames held at once
+        would be ~200 MB at 256x256). Raises BitstreamError on a payload that cannot be decoded."""
         if chunk.type != ChunkType.TOKEN_RUN:
-            return [self.decode(chunk)]
+            yield self.decode(chunk)
+            return
         run = TokenRunPayload.from_bytes(chunk.payload)
         if not self.state.bank:
             raise BitstreamError("a frame before any keyframe")
-        return [self._token_frame(delta[None]) for delta in self.model.decompress_deltas(run.tokens, run.frames)]
+        with torch.no_grad():
+            deltas = self.model.decompress_deltas(run.tokens, run.frames)
+        for delta in deltas:
+            with torch.no_grad():
+                yield self._token_frame(delta[None])
 
     @torch.no_grad()
     def decode(self, chunk: Chunk) -> Tensor:
