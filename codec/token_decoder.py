@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from codec.config import STRIDES, IMFConfig
 from codec.layers.modulated_conv import ModulatedConv2d
+from codec.layers.warp import pixel_centres
 
 CONST_SIZE = 4
 
@@ -46,9 +47,7 @@ class AffineFourierFeatures(nn.Module):
 
     def forward(self, w: Tensor, grid: tuple[int, int]) -> Tensor:
         """w (B, style_dim), grid (y, x) -> (B, channels, y, x)."""
-        ys = (torch.arange(grid[0], device=w.device) + 0.5) / grid[0] * 2 - 1
-        xs = (torch.arange(grid[1], device=w.device) + 0.5) / grid[1] * 2 - 1
-        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1)  # (y, x, 2)
+        coords = pixel_centres(*grid, w.device)  # (y, x, 2)
         a = self.to_affine(w)
         matrix = torch.eye(2, device=w.device) + a[:, :4].view(-1, 2, 2)
         moved = torch.einsum("bij,yxj->byxi", matrix, coords) + a[:, None, None, 4:]  # (B, y, x, 2)

@@ -11,12 +11,12 @@ its expected (y, x) position, are projected into the token too (projection zero 
 
 from __future__ import annotations
 
-import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
 from codec.config import STRIDES, IMFConfig
 from codec.layers.resblock import Pyramid
+from codec.layers.warp import pixel_centres
 
 KEYPOINTS = 8
 KEYPOINT_SCALE = STRIDES.index(8)
@@ -31,10 +31,7 @@ class SoftKeypoints(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h (B, C, y, x) -> (B, count, 2)."""
-        y, x = h.shape[-2:]
-        ys = (torch.arange(y, device=h.device) + 0.5) / y * 2 - 1
-        xs = (torch.arange(x, device=h.device) + 0.5) / x * 2 - 1
-        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)  # (y*x, 2)
+        grid = pixel_centres(*h.shape[-2:], h.device).reshape(-1, 2)  # (y*x, 2)
         weights = self.heatmaps(h).flatten(2).softmax(-1)  # (B, count, y*x)
         return weights @ grid
 

@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def pixel_centres(height: int, width: int, device: torch.device) -> Tensor:
+    """(y, x) of each pixel centre in [-1, 1] coordinates (align_corners=False) -> (height, width, 2)."""
+    ys = (torch.arange(height, device=device) + 0.5) / height * 2 - 1
+    xs = (torch.arange(width, device=device) + 0.5) / width * 2 - 1
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1)
+
+
 def warp(maps: Tensor, flow: Tensor) -> Tensor:
     """Sample maps (b, c, y, x) at every position plus flow (b, 2, y, x), given as (dy, dx) in pixels
     of the map: bilinear, with positions beyond the edge clamped to it."""
