@@ -11,6 +11,7 @@ from codec.model import build_model
 from codec.weights import load_weights, save_weights
 from train.config import PRESETS, parse_config
 from train.data import ClipCache, Split, TripletSampler, camera_motion, make_split
+from train.discriminator import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
 from train.loop import build_state, load_checkpoint, save_checkpoint, train, train_step
 
 from .conftest import moving_square_clip
@@ -79,8 +80,9 @@ def test_training_reduces_loss_on_a_fixed_batch(cache_dir, tmp_path):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 
-def test_resume_gives_the_same_next_step(cache_dir, tmp_path):
-    cfg = tiny_cfg(cache_dir, tmp_path)
+@pytest.mark.parametrize("gan_weight", [0.0, 0.1])
+def test_resume_gives_the_same_next_step(cache_dir, tmp_path, gan_weight):
+    cfg = tiny_cfg(cache_dir, tmp_path, gan_weight=gan_weight)
     split = Split.load(cache_dir / "split.json")
 
     def fresh():
@@ -98,9 +100,50 @@ def test_resume_gives_the_same_next_step(cache_dir, tmp_path):
     load_checkpoint(resumed, resumed_sampler, cfg.out_dir / "checkpoint.pt")
     got = train_step(resumed, resumed_sampler.sample(), cfg)
     assert got.step == expected.step == 3
-    assert got.loss == expected.loss
+    assert (got.loss, got.gan_d) == (expected.loss, expected.gan_d)
     for a, b in zip(state.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+    if gan_weight:
+        for (n, a), (_, b) in zip(state.disc.state_dict().items(), resumed.disc.state_dict().items()):
+            assert torch.equal(a, b), n
+
+
+def test_sharpening_stage_trains_both_sides(cache_dir, tmp_path):
+    """The discriminator learns from its hinge loss from step 0; the frame feels its adversarial loss
+    only from gan_start, and that gradient reaches the networks but never the discriminator."""
+    cfg = tiny_cfg(cache_dir, tmp_path, gan_weight=0.5, gan_start=1)
+    state = build_state(cfg)
+    assert build_state(tiny_cfg(cache_dir, tmp_path)).disc is None  # off by default
+    split = Split.load(cache_dir / "split.json")
+    batch = TripletSampler(ClipCache(cache_dir, split.train), 64, 2, seed=0).sample()
+    before = {n: t.clone() for n, t in state.disc.state_dict().items()}
+    first = train_step(state, batch, cfg)
+    assert first.gan_g == 0 and first.gan_d > 0
+    changed = [n for n, t in state.disc.state_dict().items() if not torch.equal(t, before[n])]
+    assert any(n.endswith("original") for n in changed)
+
+    second = train_step(state, batch, cfg)
+    assert second.gan_g != 0 and np.isfinite(second.gan_d)
+    # gradient of the adversarial term alone: into the codec, not into the discriminator
+    state.disc.requires_grad_(False)
+    x_ref, x_prev, x_cur = batch
+    state.model.zero_grad(set_to_none=True)
+    state.disc.zero_grad(set_to_none=True)
+    hinge_g_loss(state.disc(state.model(x_ref, x_prev, x_cur).x_hat)).backward()
+    state.disc.requires_grad_(True)
+    reached = [n for n, p in state.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(n.startswith("frame_decoder") for n in reached) and any(n.startswith("token_encoder") for n in reached)
+    assert all(p.grad is None for p in state.disc.parameters())
+
+
+def test_discriminator_scores_patches_at_three_scales():
+    d = MultiScaleDiscriminator()
+    maps = d(torch.rand(2, 3, 128, 96))
+    assert [m.shape[:2] for m in maps] == [(2, 1)] * 3
+    assert maps[0].shape[-2] > maps[1].shape[-2] > maps[2].shape[-2]  # finer scale, more patches
+    real, fake = [torch.full((1, 1, 2, 2), 2.0)], [torch.full((1, 1, 2, 2), -2.0)]
+    assert hinge_d_loss(real, fake).item() == 0  # both beyond the margin
+    assert hinge_g_loss(fake).item() == 2.0
 
 
 def test_train_end_to_end_and_export(cache_dir, tmp_path):
@@ -137,7 +180,8 @@ def test_cli_overrides():
 
 def test_data_parallel_under_torchrun_keeps_replicas_identical(cache_dir, tmp_path):
     """Two gloo processes train the tiny preset; the loop compares the replicas' parameters at every
-    checkpoint and fails the run if they differ. Then the run resumes on two processes."""
+    checkpoint and fails the run if they differ. Then the run resumes on two processes, with the
+    patch discriminator switched on."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", "tiny",
            "--data", str(cache_dir), "--split", str(cache_dir / "split.json"), "--out", str(out), "--threads", "1"]
@@ -146,6 +190,8 @@ def test_data_parallel_under_torchrun_keeps_replicas_identical(cache_dir, tmp_pa
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and len(ckpt["sampler"]) == 2
     assert ckpt["sampler"][0] != ckpt["sampler"][1], "replicas must draw different samples"
-    done = subprocess.run(cmd + ["--steps", "6"], capture_output=True, text=True, timeout=300)
+    # resume into the sharpening stage: a fresh discriminator, broadcast and averaged across replicas
+    done = subprocess.run(cmd + ["--steps", "6", "--gan-weight", "0.1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed" in done.stdout and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "resumed" in done.stdout and ckpt["step"] == 6 and "discriminator" in ckpt

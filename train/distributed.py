@@ -54,6 +54,14 @@ def all_average(tensors: list[torch.Tensor], world: World) -> None:
         t.div_(world.size)
 
 
+def broadcast_from_main(tensors: list[torch.Tensor], world: World) -> None:
+    """Overwrite every replica's tensors with rank 0's, in place (state DDP does not manage)."""
+    if world.size == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, 0)
+
+
 def gather(obj: object, world: World) -> list[object]:
     """Every replica's ``obj`` (e.g. its RNG states), in rank order."""
     if world.size == 1:

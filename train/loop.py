@@ -1,13 +1,17 @@
 """The training loop: ``train(cfg)``, read top to bottom.
 
 Stages: reconstruction first (rate weights at zero, quantization noise on), then the rate weights
-ramp in. Two optimizers as CompressAI prescribes: AdamW for the network, Adam for the entropy
-bottlenecks' quantiles (their auxiliary loss). A checkpoint holds everything needed for an exact
-resume: model, optimizers, scheduler, step and every replica's data sampler and noise RNG.
+ramp in, then optionally a sharpening stage (``gan_weight > 0``) where a multi-scale patch
+discriminator with hinge loss judges the frame (`train/discriminator.py`). Two optimizers as
+CompressAI prescribes: AdamW for the network, Adam for the entropy bottlenecks' quantiles (their
+auxiliary loss), plus Adam for the discriminator. A checkpoint holds everything needed for an exact
+resume: model, optimizers, scheduler, step, every replica's data sampler and noise RNG, and the
+discriminator when there is one.
 
 Under torchrun the network trains with DistributedDataParallel (each replica draws its own share
 of the batch); the entropy bottlenecks' quantiles, which only the auxiliary loss trains, are kept
-out of DDP and averaged by hand. Metrics go to CSV and TensorBoard (``tb/`` in the run folder).
+out of DDP and averaged by hand, and so are the discriminator's gradients. Metrics go to CSV and
+TensorBoard (``tb/`` in the run folder).
 """
 
 from __future__ import annotations
@@ -34,7 +38,16 @@ from codec.weights import load_weights, save_weights
 from entropy.coding import bits
 from train.config import TrainConfig
 from train.data import ClipCache, Split, TripletSampler, validation_triplets
-from train.distributed import World, all_average, assert_replicas_equal, close_world, gather, init_world
+from train.discriminator import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
+from train.distributed import (
+    World,
+    all_average,
+    assert_replicas_equal,
+    broadcast_from_main,
+    close_world,
+    gather,
+    init_world,
+)
 from train.losses import msssim, psnr, rd_loss
 
 SINGLE = World(0, 1, torch.device("cpu"))
@@ -49,6 +62,8 @@ class TrainState:
     step: int = 0
     world: World = SINGLE
     net: nn.Module | None = None  # what the forward pass calls: the model, or its DDP wrapper
+    disc: MultiScaleDiscriminator | None = None  # the sharpening stage's discriminator, if any
+    d_optimizer: torch.optim.Optimizer | None = None
 
     def __post_init__(self) -> None:
         if self.net is None:
@@ -66,6 +81,8 @@ class StepMetrics:
     bpp_token: float
     bpp_key: float
     aux: float
+    gan_g: float  # the frame's adversarial loss (0 without a discriminator)
+    gan_d: float  # the discriminator's hinge loss
     seconds: float
 
 
@@ -87,8 +104,7 @@ def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
             model, [n for n, p in model.named_parameters() if id(p) in aux_ids])
         net = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None,
                                       broadcast_buffers=False)
-        for p in aux:
-            torch.distributed.broadcast(p.data, 0)
+        broadcast_from_main([p.data for p in aux], world)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr)
 
@@ -99,7 +115,13 @@ def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    return TrainState(model, optimizer, aux_optimizer, scheduler, world=world, net=net)
+    disc = d_optimizer = None
+    if cfg.gan_weight > 0:
+        disc = MultiScaleDiscriminator().to(world.device).train()
+        broadcast_from_main(list(disc.state_dict().values()), world)  # weights and power-iteration vectors
+        d_optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
+    return TrainState(model, optimizer, aux_optimizer, scheduler, world=world, net=net, disc=disc,
+                      d_optimizer=d_optimizer)
 
 
 def ramp(start: int, length: int, step: int) -> float:
@@ -116,10 +138,16 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.world.device.type == "cuda"):
         out = state.net(x_ref, x_prev, x_cur)
     terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight)
-    if not torch.isfinite(terms.loss):  # stop here: one step of inf gradients turns every weight into NaN
-        raise FloatingPointError(f"non-finite loss at step {state.step + 1}: {terms}")
+    loss, gan_g = terms.loss, torch.zeros(())
+    if state.disc is not None and state.step >= cfg.gan_start:
+        state.disc.requires_grad_(False)  # the frame's adversarial gradient must not train the discriminator
+        gan_g = hinge_g_loss(state.disc(out.x_hat))
+        state.disc.requires_grad_(True)
+        loss = loss + cfg.gan_weight * gan_g
+    if not torch.isfinite(loss):  # stop here: one step of inf gradients turns every weight into NaN
+        raise FloatingPointError(f"non-finite loss at step {state.step + 1}: {terms}, adversarial {gan_g.item()}")
     state.optimizer.zero_grad(set_to_none=True)
-    terms.loss.backward()
+    loss.backward()
     nn.utils.clip_grad_norm_(state.optimizer.param_groups[0]["params"], cfg.grad_clip)
     state.optimizer.step()
     state.scheduler.step()
@@ -128,9 +156,21 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     aux.backward()
     all_average([p.grad for p in state.aux_optimizer.param_groups[0]["params"]], state.world)
     state.aux_optimizer.step()
+    gan_d = discriminator_step(state, x_cur, out.x_hat.detach()) if state.disc is not None else 0.0
     state.step += 1
-    return StepMetrics(state.step, state.scheduler.get_last_lr()[0], terms.loss.item(), terms.psnr, terms.msssim,
-                       terms.key_psnr, terms.bpp_token, terms.bpp_key, aux.item(), time.perf_counter() - t0)
+    return StepMetrics(state.step, state.scheduler.get_last_lr()[0], loss.item(), terms.psnr, terms.msssim,
+                       terms.key_psnr, terms.bpp_token, terms.bpp_key, aux.item(), gan_g.item(), gan_d,
+                       time.perf_counter() - t0)
+
+
+def discriminator_step(state: TrainState, real: Tensor, fake: Tensor) -> float:
+    """One hinge-loss update of the discriminator on this batch's frames and their reconstructions."""
+    d_loss = hinge_d_loss(state.disc(real), state.disc(fake))
+    state.d_optimizer.zero_grad(set_to_none=True)
+    d_loss.backward()
+    all_average([p.grad for p in state.disc.parameters()], state.world)
+    state.d_optimizer.step()
+    return d_loss.item()
 
 
 @torch.no_grad()
@@ -174,6 +214,8 @@ def save_checkpoint(state: TrainState, sampler: TripletSampler, cfg: TrainConfig
         "optimizer": state.optimizer.state_dict(),
         "aux_optimizer": state.aux_optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
+        **({"discriminator": state.disc.state_dict(), "d_optimizer": state.d_optimizer.state_dict()}
+           if state.disc is not None else {}),
         "step": state.step,
         "sampler": samplers,  # one per replica, in rank order
         "torch_rng": rngs,
@@ -188,6 +230,9 @@ def load_checkpoint(state: TrainState, sampler: TripletSampler, path: Path) -> N
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.disc is not None and "discriminator" in ckpt:  # else the sharpening stage starts here: a fresh one
+        state.disc.load_state_dict(ckpt["discriminator"])
+        state.d_optimizer.load_state_dict(ckpt["d_optimizer"])
     state.step = ckpt["step"]
     # checkpoints before data-parallel training held one state, not a list
     samplers = ckpt["sampler"] if isinstance(ckpt["sampler"], list) else [ckpt["sampler"]]
@@ -257,6 +302,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
             bar.write(f"step {m.step}: val " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
         if m.step % cfg.ckpt_every == 0 or m.step == cfg.steps:
             assert_replicas_equal(state.model, world)
+            if state.disc is not None:
+                assert_replicas_equal(state.disc, world)
             save_checkpoint(state, sampler, cfg)
     bar.close()
     if main:
