@@ -48,7 +48,8 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     box = crop or center_box(info.width, info.height)
     r = model.cfg.resolution
     _check_writable(dst)
-    encoder = Encoder(model, settings)
+    fps = info.fps if info.fps > 0 else Fraction(25)
+    encoder = Encoder(model, settings, float(fps))
     chunks: list[Chunk] = []
     quality = []
     start = time.perf_counter()
@@ -61,7 +62,6 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     if not chunks:
         raise VideoError(f"{src}: contains no frames")
     seconds = time.perf_counter() - start
-    fps = info.fps if info.fps > 0 else Fraction(25)
     header = Header(
         preset=model.cfg.name, model_id=model_id(model), width=r, height=r, fps_num=fps.numerator,
         fps_den=fps.denominator, frames=len(quality), bank_size=settings.bank_size, source_width=info.width,

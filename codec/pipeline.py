@@ -3,7 +3,8 @@
 The encoder runs the decoder on its own output (closed loop): every frame's reconstruction is
 exactly what a decoder will produce, and a frame whose reconstruction falls below the quality
 floor, or comes after ``max_keyframe_interval`` frames, is sent as a keyframe instead. Keyframes
-join a bank of at most ``bank_size`` references (oldest evicted) that the decoder mirrors.
+join a bank of at most ``bank_size`` references (oldest evicted) that the decoder mirrors. With a
+rate cap (``max_kbps``) the floor's keyframes also wait until a `KeyframeBudget` can pay for them.
 
 For files, `pack_token_runs` then recodes each run of token frames between keyframes as one
 rANS stream (the per-frame chunks stay, for the streaming path that sends frames one by one).
@@ -38,6 +39,34 @@ class EncoderSettings:
     quality_floor: float = 20.0  # PSNR (dB) below which a frame is sent as a keyframe instead
     max_keyframe_interval: int = 250  # frames; 10 s at 25 fps
     bank_size: int = 2
+    max_kbps: float = 0.0  # 0: no cap; else the floor's keyframes wait for a KeyframeBudget at this rate
+
+
+class KeyframeBudget:
+    """A leaky bucket of bits for rate-capped encoding: it fills at the cap's rate, holds at most
+    ``window`` seconds of it, and pays for every frame sent. A keyframe that the quality floor
+    asks for is sent only when the bucket holds as many bits as the previous keyframe cost;
+    otherwise the frame goes out as tokens at lower quality. Keyframes that must be sent (the
+    first, and the forced interval) are paid for even if that leaves a debt. Token frames are
+    counted at their own chunk's size, a little more than they cost once a file packs them."""
+
+    def __init__(self, kbps: float, fps: float, window: float = 2.0):
+        self.fill = 1000 * kbps / fps  # bits per frame
+        self.capacity = 1000 * kbps * window
+        self.level = self.capacity
+        self.keyframe_bits = 0
+
+    def next_frame(self) -> None:
+        self.level = min(self.capacity, self.level + self.fill)
+
+    def affords_keyframe(self) -> bool:
+        return self.level >= self.keyframe_bits
+
+    def pay(self, chunk: Chunk) -> None:
+        bits = 8 * len(chunk.payload)
+        self.level -= bits
+        if chunk.type == ChunkType.KEYFRAME:
+            self.keyframe_bits = bits
 
 
 @dataclass
@@ -76,20 +105,30 @@ def decode_keyframe(model: IMFCodec, payload: KeyframePayload, resolution: tuple
 
 
 class Encoder:
-    def __init__(self, model: IMFCodec, settings: EncoderSettings):
+    def __init__(self, model: IMFCodec, settings: EncoderSettings, fps: float = 25.0):
+        """``fps`` only matters with a rate cap: it turns kbps into bits per frame."""
         self.model = model.eval()
         self.settings = settings
         self.state = CodecState()
+        self.budget = KeyframeBudget(settings.max_kbps, fps) if settings.max_kbps > 0 else None
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:
+        out = self._encode(x)
+        if self.budget is not None:
+            self.budget.pay(out.chunk)
+        return out
+
+    def _encode(self, x: Tensor) -> EncodedFrame:
         s, st = self.settings, self.state
+        if self.budget is not None:
+            self.budget.next_frame()
         u = self.model.token_symbols(x)
         if st.bank and st.since_keyframe < s.max_keyframe_interval:
             data, u_hat = self.model.compress_token(u, st.u_prev_hat)
             x_hat = render(self.model, u_hat, st.bank)
             quality = psnr(x_hat, x)
-            if quality >= s.quality_floor:
+            if quality >= s.quality_floor or (self.budget is not None and not self.budget.affords_keyframe()):
                 st.u_prev_hat = u_hat
                 st.since_keyframe += 1
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)

@@ -106,12 +106,13 @@ def load_clip(path: Path, resolution: int, frames: int) -> Clip:
 
 
 def imfc_setting(s: EncoderSettings) -> str:
-    return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}"
+    cap = f", cap {s.max_kbps:g} kbps" if s.max_kbps > 0 else ""
+    return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}{cap}"
 
 
 def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[int, int, np.ndarray, float]:
     """-> (bytes of the .imfc file, keyframes, decoded (T, R, R, 3) uint8, encoder frames/s)."""
-    encoder = Encoder(model, settings)
+    encoder = Encoder(model, settings, float(clip.fps))
     r = model.cfg.resolution
     start = time.perf_counter()
     coded = [encoder.encode(to_tensor(f)) for f in clip.frames]

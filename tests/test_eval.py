@@ -1,5 +1,6 @@
 """imfc eval and imfc bench end to end on a tiny synthetic clip with the tiny model, and the anchors."""
 
+import argparse
 import csv
 import json
 from fractions import Fraction
@@ -126,3 +127,12 @@ def test_eval_rejects_out_of_range_crf(capsys, synthetic_video, tmp_path):
         eval_tool.main([str(synthetic_video), "--out", str(tmp_path / "r"), "--x264-crf", "60"])
     assert e.value.code == 2 and "0..51" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_imfc_points_take_an_optional_rate_cap():
+    points = eval_tool.imfc_points("20:250,24:5:16")
+    assert points == (EncoderSettings(20.0, 250), EncoderSettings(24.0, 5, max_kbps=16.0))
+    assert eval_tool.points_text(points) == "20:250,24:5:16"
+    for bad in ("20", "20:250:16:1", "20:0", "20:250:-1", "x:5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            eval_tool.imfc_points(bad)

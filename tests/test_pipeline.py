@@ -12,7 +12,14 @@ from PIL import Image
 
 from codec.files import decode_file, encode_file, read_bitstream
 from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
-from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
+from codec.video_io import (
+    center_box,
+    crop_resize,
+    probe,
+    read_frames,
+    to_tensor,
+    to_uint8,
+)
 from codec.weights import load_weights
 from entropy.bitstream import ChunkType, write_stream
 
@@ -89,6 +96,25 @@ def test_quality_floor_forces_keyframes(tiny_weights, synthetic_video):
     encoder = Encoder(model, EncoderSettings(quality_floor=99.0))
     kinds = [encoder.encode(x).chunk.type for x in model_frames(synthetic_video, model.cfg.resolution)]
     assert all(k == ChunkType.KEYFRAME for k in kinds)
+
+
+def test_rate_cap_holds_back_the_floors_keyframes(tiny_weights, synthetic_video):
+    """With a floor that every token frame misses, an uncapped encoder sends only keyframes; a cap
+    lets through only the keyframes its bucket can pay for, and the stream stays within the cap
+    (plus the bucket's 2 s) while a decoder still reproduces every frame."""
+    model = load_weights(tiny_weights)
+    frames = model_frames(synthetic_video, model.cfg.resolution)
+    fps = 5.0  # the 12 frames outlast the 2 s bucket
+    keyframe_bits = 8 * len(Encoder(model, EncoderSettings(quality_floor=99.0)).encode(frames[0]).chunk.payload)
+    kbps = keyframe_bits * fps / 4 / 1000  # pays for a keyframe every 4 frames; the bucket holds 2.5
+    settings = EncoderSettings(quality_floor=99.0, max_kbps=kbps)
+    encoded = list(map(Encoder(model, settings, fps).encode, frames))
+    kinds = [e.chunk.type for e in encoded]
+    assert kinds[0] == ChunkType.KEYFRAME and 1 < kinds.count(ChunkType.KEYFRAME) < len(frames) / 2
+    spent = sum(8 * len(e.chunk.payload) for e in encoded)
+    assert spent <= 1000 * kbps * (len(frames) / fps + 2.0)
+    decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, settings.bank_size)
+    assert all(torch.equal(decoder.decode(e.chunk), e.x_hat) for e in encoded)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

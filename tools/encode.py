@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="PSNR (dB) below which a frame is sent as a new keyframe (default %(default)s)")
     parser.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval,
                         help="frames between forced keyframes (default %(default)s)")
+    parser.add_argument("--max-kbps", type=float, default=defaults.max_kbps,
+                        help="rate cap: a keyframe the floor asks for waits until the last 2 s stay under "
+                             "this rate (default %(default)s: no cap)")
     parser.add_argument("--bank-size", type=int, default=defaults.bank_size,
                         help="reference frames the decoder keeps (default %(default)s)")
     parser.add_argument("--frames", type=int, default=None, help="encode at most this many frames")
@@ -45,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    if args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8:
-        parser.error("--max-keyframe-interval must be >= 1 and --bank-size in 1..8")
+    if args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8 or args.max_kbps < 0:
+        parser.error("--max-keyframe-interval must be >= 1, --bank-size in 1..8 and --max-kbps >= 0")
 
     def action() -> int:
         model = load_weights(args.weights)
-        settings = EncoderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size)
+        settings = EncoderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size, args.max_kbps)
         s = encode_file(args.input, args.output, model, settings, args.crop, args.frames, progress=not args.quiet)
         print(f"{args.output}: {s.frames} frames, {s.keyframes} keyframes, {s.bytes} bytes, {s.kbps:.2f} kbps, "
               f"PSNR {s.psnr:.2f} dB, {s.fps:.1f} fps")

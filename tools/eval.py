@@ -36,19 +36,28 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def imfc_point(text: str) -> EncoderSettings:
+    floor, keyint, *cap = text.split(":")
+    if len(cap) > 1:
+        raise ValueError(text)
+    return EncoderSettings(float(floor), int(keyint), max_kbps=float(cap[0]) if cap else 0.0)
+
+
 def imfc_points(text: str) -> tuple[EncoderSettings, ...]:
-    """"FLOOR:KEYINT,..." -> encoder settings (quality floor in dB, forced keyframe interval)."""
+    """"FLOOR:KEYINT[:KBPS],..." -> encoder settings (quality floor in dB, forced keyframe interval,
+    optional rate cap)."""
     try:
-        points = tuple(EncoderSettings(float(f), int(k)) for f, k in (v.split(":") for v in text.split(",") if v.strip()))
+        points = tuple(imfc_point(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FLOOR:KEYINT,... (e.g. 20:250,20:25), got {text!r}") from None
-    if not points or any(p.max_keyframe_interval < 1 for p in points):
-        raise argparse.ArgumentTypeError("need at least one FLOOR:KEYINT with KEYINT >= 1")
+        raise argparse.ArgumentTypeError(f"expected FLOOR:KEYINT[:KBPS],... (e.g. 20:250,24:5:16), got {text!r}") from None
+    if not points or any(p.max_keyframe_interval < 1 or p.max_kbps < 0 for p in points):
+        raise argparse.ArgumentTypeError("need at least one FLOOR:KEYINT[:KBPS] with KEYINT >= 1 and KBPS >= 0")
     return points
 
 
 def points_text(points: tuple[EncoderSettings, ...]) -> str:
-    return ",".join(f"{p.quality_floor:g}:{p.max_keyframe_interval}" for p in points)
+    return ",".join(f"{p.quality_floor:g}:{p.max_keyframe_interval}" + (f":{p.max_kbps:g}" if p.max_kbps else "")
+                    for p in points)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
     parser.add_argument("--frames", type=int, default=d.frames, help="frames per clip, from the start (default %(default)s)")
     parser.add_argument("--imfc-points", type=imfc_points, default=d.imfc,
-                        help="imfc operating points as QUALITY_FLOOR_DB:MAX_KEYFRAME_INTERVAL,... "
+                        help="imfc operating points as QUALITY_FLOOR_DB:MAX_KEYFRAME_INTERVAL[:MAX_KBPS],... "
                              f"(default {points_text(d.imfc)})")
     for anchor in Anchor:
         parser.add_argument(f"--{anchor.value}-crf", type=int_list, default=crfs[anchor],

@@ -39,15 +39,8 @@ from entropy.coding import bits
 from train.config import TrainConfig
 from train.data import ClipCache, Split, TripletSampler, validation_triplets
 from train.discriminator import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
-from train.distributed import (
-    World,
-    all_average,
-    assert_replicas_equal,
-    broadcast_from_main,
-    close_world,
-    gather,
-    init_world,
-)
+from train.distributed import (World, all_average, assert_replicas_equal, broadcast_from_main, close_world, gather,
+                               init_world)
 from train.losses import msssim, psnr, rd_loss
 
 SINGLE = World(0, 1, torch.device("cpu"))
