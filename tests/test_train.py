@@ -12,7 +12,7 @@ from codec.weights import load_weights, save_weights
 from train.config import PRESETS, parse_config
 from train.data import ClipCache, Split, TripletSampler, camera_motion, make_split
 from train.discriminator import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
-from train.loop import build_state, load_checkpoint, save_checkpoint, train, train_step
+from train.loop import _append_csv, build_state, load_checkpoint, save_checkpoint, train, train_step
 
 from .conftest import moving_square_clip
 
@@ -195,3 +195,11 @@ def test_data_parallel_under_torchrun_keeps_replicas_identical(cache_dir, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert "resumed" in done.stdout and ckpt["step"] == 6 and "discriminator" in ckpt
+
+
+def test_metrics_csv_keeps_its_columns_when_newer_code_adds_metrics(tmp_path):
+    """A run resumed by code that logs more metrics appends under the file's own header."""
+    path = tmp_path / "train.csv"
+    _append_csv(path, {"step": 1, "loss": 0.5})
+    _append_csv(path, {"step": 2, "loss": 0.4, "gan_g": 0.1})
+    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4"]

@@ -236,9 +236,12 @@ def load_checkpoint(state: TrainState, sampler: TripletSampler, path: Path) -> N
 
 
 def _append_csv(path: Path, row: dict) -> None:
+    """Append under the file's own header: a run resumed by newer code with more metrics keeps its
+    columns aligned (the new ones go to TensorBoard only)."""
     new = not path.exists()
+    fields = list(row) if new else path.open().readline().strip().split(",")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
