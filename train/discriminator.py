@@ -23,7 +23,7 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         blocks: list[nn.Module] = []
         c_in, c = 3, channels
-        for i in range(layers):
+        for _ in range(layers):
             blocks += [spectral_norm(nn.Conv2d(c_in, c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
             c_in, c = c, min(c * 2, channels * 8)
         blocks += [spectral_norm(nn.Conv2d(c_in, c_in, 3, padding=1)), nn.LeakyReLU(0.2),

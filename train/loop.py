@@ -239,7 +239,11 @@ def _append_csv(path: Path, row: dict) -> None:
     """Append under the file's own header: a run resumed by newer code with more metrics keeps its
     columns aligned (the new ones go to TensorBoard only)."""
     new = not path.exists()
-    fields = list(row) if new else path.open().readline().strip().split(",")
+    if new:
+        fields = list(row)
+    else:
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f))
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
