@@ -53,6 +53,21 @@ def test_split_is_by_clip_and_loader_stays_inside(cache_dir):
         ClipCache(marked, split.val)
 
 
+def test_near_share_keeps_current_frames_close_to_their_reference(cache_dir):
+    cache = ClipCache(cache_dir, Split.load(cache_dir / "split.json").train)
+    near = TripletSampler(cache, 32, 4, seed=0, near_share=1.0, near_distance=3)
+    picks = [near.pick(40) for _ in range(200)]
+    assert all(1 <= cur - ref <= 3 and 0 <= ref and cur < 40 for ref, cur in picks)
+    assert {cur - ref for ref, cur in picks} == {1, 2, 3}
+    # half near, half anywhere in the clip
+    mixed = TripletSampler(cache, 32, 4, seed=0, near_share=0.5, near_distance=3)
+    far = sum(abs(cur - ref) > 3 for ref, cur in (mixed.pick(40) for _ in range(400)))
+    assert 100 < far < 200
+    # off: the sampler draws exactly what it drew before the option existed
+    plain, rng = TripletSampler(cache, 32, 4, seed=0), np.random.default_rng(0)
+    assert [plain.pick(40) for _ in range(5)] == [tuple(int(i) for i in rng.integers(0, 40, size=2)) for _ in range(5)]
+
+
 def test_camera_motion_moves_previous_and_current_together(cache_dir):
     clip = torch.from_numpy(moving_square_clip(3, 64, seed=0)).permute(0, 3, 1, 2).float() / 255
     moved = camera_motion(clip, np.random.default_rng(1))

@@ -28,6 +28,8 @@ class TrainConfig:
     token_rate_start: int = 4000  # the token rate later: first the tokens must learn to carry motion
     msssim_weight: float = 0.3  # MS-SSIM share of the distortion, ramped in with the rate weights
     camera_motion: float = 0.0  # share of samples whose current frame is also moved by a random similarity
+    near_share: float = 0.0  # share of samples whose current frame is at most near_distance after the reference
+    near_distance: int = 25
     gan_weight: float = 0.0  # weight of the patch discriminator's hinge loss on the frame; 0 = no discriminator
     gan_start: int = 0  # the discriminator trains from step 0, the frame feels it from this step
     d_lr: float = 1e-4

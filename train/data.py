@@ -98,13 +98,18 @@ def resize(frames: Tensor, resolution: int) -> Tensor:
 class TripletSampler:
     """Random (reference, previous, current) triplets: a random clip (weighted by sqrt of its length),
     a random reference frame and a current frame at a random distance; previous = current - 1.
-    With probability ``camera_motion``, previous and current are also moved by `camera_motion`."""
+    With probability ``near_share`` the current frame is at most ``near_distance`` frames after the
+    reference, as most frames are after their keyframe when coding; with probability ``camera_motion``,
+    previous and current are also moved by `camera_motion`."""
 
-    def __init__(self, cache: ClipCache, resolution: int, batch_size: int, seed: int, camera_motion: float = 0.0):
+    def __init__(self, cache: ClipCache, resolution: int, batch_size: int, seed: int, camera_motion: float = 0.0,
+                 near_share: float = 0.0, near_distance: int = 25):
         self.cache = cache
         self.resolution = resolution
         self.batch_size = batch_size
         self.camera_motion = camera_motion
+        self.near_share = near_share
+        self.near_distance = near_distance
         self.rng = np.random.default_rng(seed)
         lengths = np.array([len(c) for c in cache.clips], dtype=np.float64)
         self.weights = np.sqrt(lengths) / np.sqrt(lengths).sum()
@@ -114,7 +119,7 @@ class TripletSampler:
         out = []
         for _ in range(self.batch_size):
             clip = self.cache.clips[self.rng.choice(len(self.cache), p=self.weights)]
-            ref, cur = self.rng.integers(0, len(clip), size=2)
+            ref, cur = self.pick(len(clip))
             prev = max(cur - 1, 0)
             frames = augment(_to_float(clip[[ref, prev, cur]]), self.rng, self.resolution)
             # no draw when off, so runs without it keep their random streams
@@ -122,6 +127,16 @@ class TripletSampler:
                 frames = camera_motion(frames, self.rng)
             out.append(frames)
         return torch.stack(out, 1)
+
+    def pick(self, length: int) -> tuple[int, int]:
+        """(reference, current) frame indices in a clip of ``length`` frames."""
+        # no extra draw when near_share is 0, so runs without it keep their random streams
+        if self.near_share > 0 and self.rng.random() < self.near_share:
+            distance = int(self.rng.integers(min(1, length - 1), min(self.near_distance, length - 1) + 1))
+            ref = int(self.rng.integers(0, length - distance))
+            return ref, ref + distance
+        ref, cur = self.rng.integers(0, length, size=2)
+        return int(ref), int(cur)
 
     def state(self) -> dict:
         return self.rng.bit_generator.state
@@ -135,5 +150,14 @@ def validation_triplets(cache: ClipCache, resolution: int, per_clip: int = 4) ->
     out = []
     for clip in cache.clips:
         for cur in np.linspace(len(clip) // per_clip, len(clip) - 1, per_clip).astype(int):
+            out.append(resize(_to_float(clip[[0, max(cur - 1, 0), cur]]), resolution))
+    return torch.stack(out, 1)
+
+
+def near_validation_triplets(cache: ClipCache, resolution: int, distances: tuple[int, ...] = (2, 8, 25)) -> Tensor:
+    """A fixed set of frames close to their reference (the first frame), as after a keyframe."""
+    out = []
+    for clip in cache.clips:
+        for cur in (min(d, len(clip) - 1) for d in distances):
             out.append(resize(_to_float(clip[[0, max(cur - 1, 0), cur]]), resolution))
     return torch.stack(out, 1)

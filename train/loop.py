@@ -37,7 +37,7 @@ from codec.model import IMFCodec, build_model
 from codec.weights import load_weights, save_weights
 from entropy.coding import bits
 from train.config import TrainConfig
-from train.data import ClipCache, Split, TripletSampler, validation_triplets
+from train.data import ClipCache, Split, TripletSampler, near_validation_triplets, validation_triplets
 from train.discriminator import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
 from train.distributed import (World, all_average, assert_replicas_equal, broadcast_from_main, close_world, gather,
                                init_world)
@@ -272,8 +272,10 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
 
     split = Split.load(Path(cfg.split))
     sampler = TripletSampler(ClipCache(cfg.data_dir, split.train), cfg.resolution, cfg.batch_size // world.size,
-                             cfg.seed + world.rank, cfg.camera_motion)
-    val_triplets = validation_triplets(ClipCache(cfg.data_dir, split.val), cfg.resolution).to(world.device)
+                             cfg.seed + world.rank, cfg.camera_motion, cfg.near_share, cfg.near_distance)
+    val_cache = ClipCache(cfg.data_dir, split.val)
+    val_triplets = validation_triplets(val_cache, cfg.resolution).to(world.device)
+    near_triplets = near_validation_triplets(val_cache, cfg.resolution).to(world.device)
 
     state = build_state(cfg, world)
     if (out / "checkpoint.pt").exists():
@@ -294,6 +296,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
                     tb.add_scalar(f"train/{k}", x, m.step)
         if main and (m.step % cfg.val_every == 0 or m.step == cfg.steps):
             v = validate(state.model, val_triplets, out / f"val_{m.step:06d}.png")
+            near = validate(state.model, near_triplets)
+            v |= {"near_psnr": near["psnr"], "near_msssim": near["msssim"]}
             _append_csv(out / "val.csv", {"step": m.step, **v})
             for k, x in v.items():
                 tb.add_scalar(f"val/{k}", x, m.step)
