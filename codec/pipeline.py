@@ -62,10 +62,9 @@ class KeyframeBudget:
     def affords_keyframe(self) -> bool:
         return self.level >= self.keyframe_bits
 
-    def pay(self, chunk: Chunk) -> None:
-        bits = 8 * len(chunk.payload)
+    def pay(self, bits: int, keyframe: bool) -> None:
         self.level -= bits
-        if chunk.type == ChunkType.KEYFRAME:
+        if keyframe:
             self.keyframe_bits = bits
 
 
@@ -116,7 +115,7 @@ class Encoder:
     def encode(self, x: Tensor) -> EncodedFrame:
         out = self._encode(x)
         if self.budget is not None:
-            self.budget.pay(out.chunk)
+            self.budget.pay(8 * len(out.chunk.payload), out.chunk.type == ChunkType.KEYFRAME)
         return out
 
     def _encode(self, x: Tensor) -> EncodedFrame:

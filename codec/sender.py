@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from codec.model import IMFCodec, Reference
-from codec.pipeline import encode_keyframe, psnr, render
+from codec.pipeline import KeyframeBudget, encode_keyframe, psnr, render
 from entropy import packet as pk
 
 HISTORY = 255  # frames of tokens kept: the farthest a TOKEN packet's 8-bit ``base`` reaches
@@ -44,6 +44,8 @@ class SenderSettings:
     keyframe_timeout: int = 12  # frames without acknowledgement after which a keyframe counts as lost
     # (about half a second: well above a loopback or regional round trip plus a keyframe decode)
     min_keyframe_gap: int = 2  # frames: keyframe requests are answered at most this often
+    max_kbps: float = 0.0  # 0: no cap; else the quality floor's keyframes wait for a KeyframeBudget
+    # (keyframes the receiver asks for, and the first, are sent regardless: they end a frozen picture)
 
     def __post_init__(self) -> None:
         if not 1 <= self.bank_size < pk.REF_WINDOW:
@@ -86,15 +88,25 @@ class SenderState:
 
 
 class Sender:
-    def __init__(self, model: IMFCodec, settings: SenderSettings = SenderSettings()):
+    def __init__(self, model: IMFCodec, settings: SenderSettings = SenderSettings(), fps: float = 25.0):
+        """``fps`` (the capture rate) only matters with a rate cap: it turns kbps into bits per frame."""
         self.model = model.eval()
         self.settings = settings
         self.state = SenderState()
+        self.budget = KeyframeBudget(settings.max_kbps, fps) if settings.max_kbps > 0 else None
 
     # -- frames -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> SentFrame:
         """One frame (1, 3, R, R) in [0, 1] -> the packets to send now."""
+        if self.budget is not None:
+            self.budget.next_frame()
+        sent = self._encode(x)
+        if self.budget is not None:
+            self.budget.pay(8 * sum(len(p) for p in sent.packets), sent.kind == FrameKind.KEYFRAME)
+        return sent
+
+    def _encode(self, x: Tensor) -> SentFrame:
         s, st = self.settings, self.state
         fid = st.frame
         st.frame += 1
@@ -105,10 +117,12 @@ class Sender:
         newest = st.refs.get(st.next_ref - 1)
         in_flight = newest is not None and not newest.acked and since < s.keyframe_timeout
         acked = any(st.refs[r].acked for r in bank_ids)
+        below_floor = token is not None and token.psnr is not None and token.psnr < s.quality_floor
+        affordable = self.budget is None or self.budget.affords_keyframe()
         want = (since is None
                 or (st.keyframe_requested and since >= s.min_keyframe_gap)
                 or (not in_flight and (not acked or since >= s.max_keyframe_interval
-                                       or (token.psnr is not None and token.psnr < s.quality_floor))))
+                                       or (below_floor and affordable))))
         if want:
             return self._keyframe(fid, x)
         return token
@@ -116,6 +130,8 @@ class Sender:
     def skip(self) -> None:
         """Let a frame go unsent (a busy sender drops it at capture); frame ids stay source indices."""
         self.state.frame += 1
+        if self.budget is not None:
+            self.budget.next_frame()
 
     def _token_frame(self, fid: int, u: Tensor, x: Tensor, bank_ids: list[int]) -> SentFrame:
         st = self.state

@@ -101,7 +101,7 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
         if pc.connectionState in ("failed", "closed") and not report.done():
             report.set_exception(CallError("the receiver hung up before sending its report"))
 
-    sender = Sender(model, settings)
+    sender = Sender(model, settings, float(source.fps))
     pool = ThreadPoolExecutor(1)  # the model's thread: Sender state is touched by it only
     try:
         # before calling: the first frames should not pay for warm-up or for filling the reader

@@ -42,7 +42,7 @@ def simulate_call(model: IMFCodec, frames: Iterable[Tensor], fps: float, setting
     """Run a call over ``frames`` captured at ``fps``. ``drop(index, datagram)`` can discard chosen
     media packets on top of the random loss; ``requests`` are frame ids at which the receiver asks
     for a keyframe on its own (as a viewer's client would after, say, a decoder reset)."""
-    sender, receiver = Sender(model, settings), Receiver(model, (model.cfg.resolution,) * 2)
+    sender, receiver = Sender(model, settings, fps), Receiver(model, (model.cfg.resolution,) * 2)
     fwd, back = Link(forward), Link(backward)
     playout = Playout(model.cfg.resolution)
     call = SimulatedCall([], [], [], sender, receiver, fwd, back)

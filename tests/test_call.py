@@ -104,3 +104,18 @@ def test_sender_without_receiver_fails_in_one_line(tiny_weights, clip, capsys):
     rc = call_main(["send", str(clip), "--weights", str(tiny_weights), "--port", "1", "--timeout", "1"])
     err = capsys.readouterr().err
     assert rc == 1 and "nobody is listening" in err and err.count("\n") == 1
+
+
+def test_simulated_call_with_rate_cap(tiny_weights, clip, tmp_path, capsys):
+    """`imfc call simulate --max-kbps`: the floor (99 dB, missed by every token frame) asks for a
+    keyframe each frame; the cap lets through fewer than without it."""
+    def keyframes(*extra: str) -> int:
+        out = tmp_path / "report.json"
+        args = ["simulate", str(clip), "--weights", str(tiny_weights), "--quality-floor", "99", "--json", str(out)]
+        assert call_main([*args, *extra]) == 0
+        return json.loads(out.read_text())["keyframes_sent"]
+
+    assert 1 <= keyframes("--max-kbps", "5") < keyframes()
+    with pytest.raises(SystemExit) as exit_info:
+        call_main(["simulate", str(clip), "--max-kbps", "-1"])
+    assert exit_info.value.code == 2 and "--max-kbps" in capsys.readouterr().err

@@ -49,6 +49,23 @@ def test_lossless_call_equals_closed_loop(model, frames):
     assert_exact_where_shown(call)
 
 
+def test_rate_cap_defers_the_floors_keyframes(model, frames):
+    """A floor every token frame misses asks for a keyframe each frame; a cap that pays for one every
+    4 frames lets only some through, the media stays within cap x duration + the 2 s bucket, and
+    the call stays exact."""
+    fps = 5.0  # the 40 frames outlast the 2 s bucket
+    first = Sender(model, SenderSettings(quality_floor=99.0), fps).encode(frames[0])
+    kbps = 8 * sum(map(len, first.packets)) * fps / 4 / 1000
+    settings = SenderSettings(quality_floor=99.0, max_keyframe_interval=250, max_kbps=kbps)
+    call = simulate_call(model, frames, fps, settings, LinkConfig(delay=0.03), LinkConfig(delay=0.03))
+    keyframes = call.sent.count(FrameKind.KEYFRAME)
+    uncapped = simulate_call(model, frames, fps, SenderSettings(quality_floor=99.0, max_keyframe_interval=250),
+                             LinkConfig(delay=0.03), LinkConfig(delay=0.03))
+    assert 1 < keyframes < uncapped.sent.count(FrameKind.KEYFRAME)
+    assert call.media_bytes * 8 <= 1000 * kbps * (len(frames) / fps + 2.0)
+    assert_exact_where_shown(call)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_twenty_percent_loss_every_frame_accounted_for(model, frames, seed):
     """Loss both ways, jitter (so reordering), keyframes in 3 fragments: the call completes, the

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                            "synthesis) off (default %(default)s)")
     send.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval)
     send.add_argument("--bank-size", type=int, default=defaults.bank_size)
+    send.add_argument("--max-kbps", type=float, default=defaults.max_kbps,
+                      help="rate cap: a keyframe the quality floor asks for waits until the last 2 s stay under "
+                           "it (keyframes the receiver asks for do not wait); 0 = no cap (default %(default)s)")
     send.add_argument("--json", type=Path, default=None, help="write the receiver's report here as JSON")
     add_common(send)
     recv = sub.add_parser("recv", help="wait for a call and write what it shows to a video file")
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--quality-floor", type=float, default=defaults.quality_floor)
     sim.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval)
     sim.add_argument("--bank-size", type=int, default=defaults.bank_size)
+    sim.add_argument("--max-kbps", type=float, default=defaults.max_kbps)
     sim.add_argument("--lose-keyframe", type=int, default=None, metavar="K",
                      help="also run the call with the first fragment of keyframe K (0: the first) dropped, "
                           "and report how long it takes to recover")
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     if not 0 <= args.loss <= 100:
         parser.error("--loss is a percentage in 0..100")
+    if getattr(args, "max_kbps", 0) < 0:
+        parser.error("--max-kbps must be 0 (no cap) or positive")
     if args.role == "send" and args.fps is not None and args.fps <= 0:
         parser.error("--fps must be positive")
 
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.role == "simulate":
                 return simulate(model, args)
             if args.role == "send":
-                settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size)
+                settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size,
+                                          max_kbps=args.max_kbps)
                 source = open_source(args.source, model.cfg.resolution, args.frames, args.crop)
                 if args.fps:
                     source.fps = Fraction(args.fps).limit_denominator(1001)
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def simulate(model, args: argparse.Namespace) -> int:
-    settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size)
+    settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size,
+                              max_kbps=args.max_kbps)
     source = open_source(args.source, model.cfg.resolution, args.frames)
     images = list(source.frames)
     frames = [to_tensor(f) for f in images]
