@@ -34,7 +34,8 @@ class ImplicitMotionAlignment(nn.Module):
         super().__init__()
         windows = [cfg.window] + [None] * (len(cfg.channels) - 1)
         self.cross = nn.ModuleList(
-            CrossAttention(c, cfg.head_dim, win, cfg.locality, cfg.extra_tokens, STRIDES[0] if s == 0 else 0)
+            CrossAttention(c, cfg.head_dim, win, cfg.locality, cfg.extra_tokens, STRIDES[0] if s == 0 else 0,
+                           pixel_flow=cfg.pixel_warp == "flow")
             for s, (c, win) in enumerate(zip(cfg.channels, windows))
         )
         self.fuse = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for c in cfg.channels)

@@ -30,8 +30,12 @@ class IMFConfig:
     decoder_channels: int = 16  # frame decoder width at 1/2 resolution
     keyframe_channels: tuple[int, int] = (64, 96)  # (N, M) of the keyframe transform codec
     max_references: int = 2  # reference bank size
+    pixel_warp: str = "blend"  # finest scale's reference pixels: "blend" 4x4 blocks by attention, or "flow":
+    # warp them by the attention's mean offset (sharper; see codec/layers/attention.py)
 
     def __post_init__(self) -> None:
+        if self.pixel_warp not in ("blend", "flow"):
+            raise ValueError(f"pixel_warp must be 'blend' or 'flow', got {self.pixel_warp!r}")
         if self.resolution % STRIDES[-1]:
             raise ValueError(f"resolution must be a multiple of {STRIDES[-1]}, got {self.resolution}")
         for c in self.channels:

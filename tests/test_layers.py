@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from codec.layers.attention import CrossAttention, DenseKV, WindowKV, attend_dense
+from codec.layers.attention import CrossAttention, DenseKV, WindowKV, warp_shared_pixels, attend_dense
 from codec.layers.warp import resize_flow, warp
 
 
@@ -59,6 +59,32 @@ def test_guided_window_attention_follows_the_flow():
     assert torch.allclose(moved[..., 1:-1, :-2], still[..., 1:-1, 1:-1], atol=1e-3)
     assert torch.allclose(moved_px[..., 1:-1, :-2], still_px[..., 1:-1, 1:-1], atol=1e-3)
     assert not torch.allclose(moved, still, atol=1e-2)
+
+
+def test_pixel_flow_warps_by_the_mean_offset():
+    """Shared pixels (stride 2, window 3): attention wholly on the window's right neighbour reads the
+    image one map pixel (2 image pixels) to the right; attention split half and half between the
+    centre and that neighbour warps by half of it, where blending would average two whole blocks."""
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 12, 12)
+    kv = WindowKV.from_maps(torch.zeros(1, 1, 1, 6, 6), torch.zeros(1, 1, 1, 6, 6),
+                            torch.nn.functional.pixel_unshuffle(image, 2), 3)
+    offsets = [(i, j) for i in range(3) for j in range(3)]
+    centre, right = offsets.index((1, 1)), offsets.index((1, 2))
+
+    def warped_by(weights: dict[int, float]) -> torch.Tensor:
+        mean_w = torch.zeros(1, 6, 6, 9)
+        for a, w in weights.items():
+            mean_w[..., a] = w
+        return torch.nn.functional.pixel_shuffle(warp_shared_pixels(kv, mean_w, offsets, (6, 6)), 2)
+
+    assert torch.allclose(warped_by({centre: 1.0}), image, atol=1e-6)
+    assert torch.allclose(warped_by({right: 1.0})[..., :-2], image[..., 2:], atol=1e-6)
+    flow = torch.zeros(1, 2, 12, 12)
+    flow[:, 1] = 1.0
+    assert torch.allclose(warped_by({centre: 0.5, right: 0.5}), warp(image, flow), atol=1e-5)
+    # attention mass that went to extra tokens is not a reference's: its pixels are scaled by the rest
+    assert torch.allclose(warped_by({centre: 0.25}), 0.25 * image, atol=1e-6)
 
 
 def test_soft_keypoints_find_a_peak():

@@ -16,9 +16,9 @@ def total_loss(model, out):
     return out.x_hat.mean() + out.x_ref_hat.mean() - 1e-4 * rate + model.aux_loss()
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_forward_backward_reaches_every_parameter(preset):
-    cfg = get_config(preset)
+@pytest.mark.parametrize("preset, overrides", [(p, {}) for p in sorted(PRESETS)] + [("tiny", {"pixel_warp": "flow"})])
+def test_forward_backward_reaches_every_parameter(preset, overrides):
+    cfg = get_config(preset, **overrides)
     model = build_model(cfg)
     x = frames(cfg)
     out = model(*x)
@@ -48,8 +48,8 @@ def test_output_range(preset):
         assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
 
 
-def tiny_reference():
-    cfg = get_config("tiny")
+def tiny_reference(**overrides):
+    cfg = get_config("tiny", **overrides)
     model = build_model(cfg).eval()
     x_ref, _, x_cur = frames(cfg)
     u_ref = model.token_symbols(x_ref).round()
@@ -67,9 +67,10 @@ def test_cached_reference_matches_uncached():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pixel_warp", ["blend", "flow"])
 @torch.no_grad()
-def test_bank_of_identical_references_equals_one():
-    model, x_ref, u_ref, u_cur = tiny_reference()
+def test_bank_of_identical_references_equals_one(pixel_warp):
+    model, x_ref, u_ref, u_cur = tiny_reference(pixel_warp=pixel_warp)
     # make attention non-trivial: random values for the learned extra tokens
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.01)
@@ -116,3 +117,5 @@ def test_config_validation():
         get_config("tiny", resolution=100)
     with pytest.raises(KeyError):
         get_config("no-such-preset")
+    with pytest.raises(ValueError, match="pixel_warp"):
+        get_config("tiny", pixel_warp="nearest")

@@ -164,9 +164,14 @@ def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraToken
     return out[..., :e], pos
 
 
-def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None
-                  ) -> tuple[Tensor, Tensor | None]:
+def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None,
+                  pixel_flow: bool = False) -> tuple[Tensor, Tensor | None]:
     """q (b, h, d, y, x) -> (b, h, e, y, x) and shared values (b, c, y, x) or None.
+
+    Shared values (pixel-unshuffled reference pixels) are either blended like the other values, or,
+    with ``pixel_flow``, warped: each reference's pixels are sampled bilinearly at the attention's
+    mean offset, and the references (and extra tokens) mixed by their share of the attention. A blend
+    of whole 4x4 blocks softens even a frame that barely moved; a warp keeps it sharp.
 
     Written as a loop over window offsets on shifted views of the padded maps: unlike unfolding
     (im2col), it never materialises window-sized copies of keys and values, which made it 5x
@@ -195,10 +200,32 @@ def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTok
     if kv.shared is None:
         return out, None
     mean_w = weights.mean(1)  # (b, y, x, R*s + E): shared values see the head-averaged attention
-    shared = sum(mean_w[..., a].unsqueeze(1) * kv.shared[r][..., i:i + y, j:j + x] for a, (r, i, j) in enumerate(shifted))
+    if pixel_flow:
+        shared = warp_shared_pixels(kv, mean_w[..., :len(shifted)], offsets, (y, x))
+    else:
+        shared = sum(mean_w[..., a].unsqueeze(1) * kv.shared[r][..., i:i + y, j:j + x]
+                     for a, (r, i, j) in enumerate(shifted))
     if extra is not None:
         shared = shared + torch.einsum("bhyxe,hec->bcyx", w_extra, extra.v[..., e:]) / q.shape[1]
     return out, shared
+
+
+def warp_shared_pixels(kv: WindowKV, mean_w: Tensor, offsets: list[tuple[int, int]], size: tuple[int, int]) -> Tensor:
+    """mean_w (b, y, x, R*s) -> each reference's shared pixels warped by its mean window offset and
+    weighted by its attention mass, summed (b, c, y, x)."""
+    p = kv.window // 2
+    stride = math.isqrt(kv.shared[0].shape[1] // 3)
+    off = torch.tensor(offsets, dtype=mean_w.dtype, device=mean_w.device) - p  # (s, 2) in map pixels
+    per_ref = mean_w.unflatten(-1, (len(kv.shared), len(offsets)))  # (b, y, x, R, s)
+    mass = per_ref.sum(-1)  # (b, y, x, R)
+    flow = torch.einsum("byxrs,st->brtyx", per_ref, off) / mass.clamp_min(1e-6).permute(0, 3, 1, 2)[:, :, None]
+    full = (size[0] * stride, size[1] * stride)
+    out = 0
+    for r, padded in enumerate(kv.shared):
+        image = F.pixel_shuffle(padded[..., p:p + size[0], p:p + size[1]], stride)  # (b, 3, H, W)
+        moved = F.pixel_unshuffle(warp(image, resize_flow(flow[:, r], full)), stride)
+        out = out + mass[..., r].unsqueeze(1) * moved
+    return out
 
 
 class CrossAttention(nn.Module):
@@ -212,10 +239,11 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, head_dim: int, window: int | None, locality: float, extra_tokens: int,
-                 pixel_stride: int = 0, num_freqs: int = 8):
+                 pixel_stride: int = 0, num_freqs: int = 8, pixel_flow: bool = False):
         super().__init__()
         if pixel_stride and window is None:
             raise ValueError("shared pixel values are only supported with windowed attention")
+        self.pixel_flow = pixel_flow
         self.heads = dim // head_dim
         self.window = window
         self.num_freqs = num_freqs
@@ -259,7 +287,7 @@ class CrossAttention(nn.Module):
         if flow is not None:
             kv = kv.warped(flow, self.pixel_stride)
         q = rearrange(q, "b h (y x) d -> b h d y x", y=y)
-        out, pixels = attend_window(q, kv, self.log_locality, self.extra)
+        out, pixels = attend_window(q, kv, self.log_locality, self.extra, self.pixel_flow)
         return rearrange(out, "b h e y x -> b (h e) y x"), pixels, None
 
 
