@@ -218,3 +218,14 @@ def test_metrics_csv_keeps_its_columns_when_newer_code_adds_metrics(tmp_path):
     _append_csv(path, {"step": 1, "loss": 0.5})
     _append_csv(path, {"step": 2, "loss": 0.4, "gan_g": 0.1})
     assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4"]
+
+
+def test_surgery_switches_pixel_warp_and_keeps_parameters(tiny_weights, tmp_path):
+    from train.surgery import main as surgery
+
+    out = tmp_path / "flow.safetensors"
+    surgery([str(tiny_weights), str(out), "--pixel-warp", "flow"])
+    before, after = load_weights(tiny_weights), load_weights(out)
+    assert before.cfg.pixel_warp == "blend" and after.cfg.pixel_warp == "flow"
+    a, b = before.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

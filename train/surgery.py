@@ -1,17 +1,20 @@
 """Start a new training stage from an older one's weights, with recorded edits.
 
     python -m train.surgery SOURCE OUT.safetensors [--locality SCALE=VALUE ...] [--token-step-factor F]
+        [--pixel-warp blend|flow]
 
 SOURCE is a run's checkpoint.pt or a weights file. Modules the current code has and SOURCE lacks
 keep their initialisation (seeded, so the output is reproducible). The edits are the ones the
-default model's history needed (MODEL.md): relaxing one scale's attention locality, and scaling
-the token quantization step.
+default model's history needed (MODEL.md): relaxing one scale's attention locality, scaling
+the token quantization step, and switching how the finest scale moves reference pixels (a config
+change with the same parameters).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--locality", action="append", default=[], metavar="SCALE=VALUE",
                         help="set the cross-attention locality of scale SCALE (0 = finest) to VALUE")
     parser.add_argument("--token-step-factor", type=float, default=1.0)
+    parser.add_argument("--pixel-warp", choices=["blend", "flow"], default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.source.suffix == ".pt":
@@ -37,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.source} (step {ckpt['step']}): initialised anew: {result.missing_keys}")
     else:
         model = load_weights(args.source, strict=False)
+    if args.pixel_warp is not None:
+        switched = build_model(replace(model.cfg, pixel_warp=args.pixel_warp))
+        switched.load_state_dict(model.state_dict())
+        model = switched
     with torch.no_grad():
         for edit in args.locality:
             scale, value = edit.split("=")
