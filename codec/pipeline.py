@@ -48,9 +48,11 @@ class KeyframeBudget:
     asks for is sent only when the bucket holds as many bits as the previous keyframe cost;
     otherwise the frame goes out as tokens at lower quality. Keyframes that must be sent (the
     first, and the forced interval) are paid for even if that leaves a debt. Token frames are
-    counted at their own chunk's size, a little more than they cost once a file packs them."""
+    counted at their own chunk's size, a little more than they cost once a file packs them.
+    ``kbps`` 0 means no cap: every keyframe is affordable."""
 
     def __init__(self, kbps: float, fps: float, window: float = 2.0):
+        self.capped = kbps > 0
         self.fill = 1000 * kbps / fps  # bits per frame
         self.capacity = 1000 * kbps * window
         self.level = self.capacity
@@ -60,7 +62,7 @@ class KeyframeBudget:
         self.level = min(self.capacity, self.level + self.fill)
 
     def affords_keyframe(self) -> bool:
-        return self.level >= self.keyframe_bits
+        return not self.capped or self.level >= self.keyframe_bits
 
     def pay(self, bits: int, keyframe: bool) -> None:
         self.level -= bits
@@ -109,25 +111,23 @@ class Encoder:
         self.model = model.eval()
         self.settings = settings
         self.state = CodecState()
-        self.budget = KeyframeBudget(settings.max_kbps, fps) if settings.max_kbps > 0 else None
+        self.budget = KeyframeBudget(settings.max_kbps, fps)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:
         out = self._encode(x)
-        if self.budget is not None:
-            self.budget.pay(8 * len(out.chunk.payload), out.chunk.type == ChunkType.KEYFRAME)
+        self.budget.pay(8 * len(out.chunk.payload), out.chunk.type == ChunkType.KEYFRAME)
         return out
 
     def _encode(self, x: Tensor) -> EncodedFrame:
         s, st = self.settings, self.state
-        if self.budget is not None:
-            self.budget.next_frame()
+        self.budget.next_frame()
         u = self.model.token_symbols(x)
         if st.bank and st.since_keyframe < s.max_keyframe_interval:
             data, u_hat = self.model.compress_token(u, st.u_prev_hat)
             x_hat = render(self.model, u_hat, st.bank)
             quality = psnr(x_hat, x)
-            if quality >= s.quality_floor or (self.budget is not None and not self.budget.affords_keyframe()):
+            if quality >= s.quality_floor or not self.budget.affords_keyframe():
                 st.u_prev_hat = u_hat
                 st.since_keyframe += 1
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)

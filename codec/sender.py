@@ -93,17 +93,15 @@ class Sender:
         self.model = model.eval()
         self.settings = settings
         self.state = SenderState()
-        self.budget = KeyframeBudget(settings.max_kbps, fps) if settings.max_kbps > 0 else None
+        self.budget = KeyframeBudget(settings.max_kbps, fps)
 
     # -- frames -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> SentFrame:
         """One frame (1, 3, R, R) in [0, 1] -> the packets to send now."""
-        if self.budget is not None:
-            self.budget.next_frame()
+        self.budget.next_frame()
         sent = self._encode(x)
-        if self.budget is not None:
-            self.budget.pay(8 * sum(len(p) for p in sent.packets), sent.kind == FrameKind.KEYFRAME)
+        self.budget.pay(8 * sum(len(p) for p in sent.packets), sent.kind == FrameKind.KEYFRAME)
         return sent
 
     def _encode(self, x: Tensor) -> SentFrame:
@@ -118,7 +116,7 @@ class Sender:
         in_flight = newest is not None and not newest.acked and since < s.keyframe_timeout
         acked = any(st.refs[r].acked for r in bank_ids)
         below_floor = token is not None and token.psnr is not None and token.psnr < s.quality_floor
-        affordable = self.budget is None or self.budget.affords_keyframe()
+        affordable = self.budget.affords_keyframe()
         want = (since is None
                 or (st.keyframe_requested and since >= s.min_keyframe_gap)
                 or (not in_flight and (not acked or since >= s.max_keyframe_interval
@@ -130,8 +128,7 @@ class Sender:
     def skip(self) -> None:
         """Let a frame go unsent (a busy sender drops it at capture); frame ids stay source indices."""
         self.state.frame += 1
-        if self.budget is not None:
-            self.budget.next_frame()
+        self.budget.next_frame()
 
     def _token_frame(self, fid: int, u: Tensor, x: Tensor, bank_ids: list[int]) -> SentFrame:
         st = self.state

@@ -145,19 +145,18 @@ class TripletSampler:
         self.rng.bit_generator.state = state
 
 
+def _first_frame_triplets(cache: ClipCache, resolution: int, currents) -> Tensor:
+    """Per clip, reference = first frame and current at each index ``currents(len(clip))`` gives."""
+    return torch.stack([resize(_to_float(clip[[0, max(cur - 1, 0), cur]]), resolution)
+                        for clip in cache.clips for cur in currents(len(clip))], 1)
+
+
 def validation_triplets(cache: ClipCache, resolution: int, per_clip: int = 4) -> Tensor:
     """A fixed set: per clip, reference = first frame, current at evenly spaced later frames."""
-    out = []
-    for clip in cache.clips:
-        for cur in np.linspace(len(clip) // per_clip, len(clip) - 1, per_clip).astype(int):
-            out.append(resize(_to_float(clip[[0, max(cur - 1, 0), cur]]), resolution))
-    return torch.stack(out, 1)
+    return _first_frame_triplets(cache, resolution,
+                                 lambda n: np.linspace(n // per_clip, n - 1, per_clip).astype(int))
 
 
 def near_validation_triplets(cache: ClipCache, resolution: int, distances: tuple[int, ...] = (2, 8, 25)) -> Tensor:
     """A fixed set of frames close to their reference (the first frame), as after a keyframe."""
-    out = []
-    for clip in cache.clips:
-        for cur in (min(d, len(clip) - 1) for d in distances):
-            out.append(resize(_to_float(clip[[0, max(cur - 1, 0), cur]]), resolution))
-    return torch.stack(out, 1)
+    return _first_frame_triplets(cache, resolution, lambda n: [min(d, n - 1) for d in distances])
