@@ -2,12 +2,15 @@
 
 The encoder runs the decoder on its own output (closed loop): every frame's reconstruction is
 exactly what a decoder will produce, and a frame whose reconstruction falls below the quality
-floor, or comes after ``max_keyframe_interval`` frames, is sent as a keyframe instead. Keyframes
+floor, or comes after ``max_keyframe_interval`` frames, is sent as a keyframe instead. A frame
+that the newest keyframe's picture matches better than its synthesis is sent as a repeat of
+that picture (no token). Keyframes
 join a bank of at most ``bank_size`` references (oldest evicted) that the decoder mirrors. With a
 rate cap (``max_kbps``) the floor's keyframes also wait until a `KeyframeBudget` can pay for them.
 
 For files, `pack_token_runs` then recodes each run of token frames between keyframes as one
-rANS stream (the per-frame chunks stay, for the streaming path that sends frames one by one).
+rANS stream, and merges each run of repeats into one chunk (the per-frame chunks stay, for the
+streaming path that sends frames one by one).
 
 Frames are (1, 3, R, R) floats in [0, 1] at the model's resolution. Reconstructions are rounded
 to the 8-bit grid before they are used as references, so both sides keep identical references.
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from codec.model import IMFCodec, Reference
-from entropy.bitstream import BitstreamError, Chunk, ChunkType, KeyframePayload, TokenRunPayload
+from entropy.bitstream import BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload
 
 
 def to_8bit(x: Tensor) -> Tensor:
@@ -40,6 +43,7 @@ class EncoderSettings:
     max_keyframe_interval: int = 250  # frames; 10 s at 25 fps
     bank_size: int = 2
     max_kbps: float = 0.0  # 0: no cap; else the floor's keyframes wait for a KeyframeBudget at this rate
+    repeat_keyframe: bool = True  # a frame closer to the newest keyframe's picture than to its synthesis repeats it
 
 
 class KeyframeBudget:
@@ -75,8 +79,9 @@ class CodecState:
     """What encoder and decoder both keep between frames."""
 
     bank: list[Reference] = field(default_factory=list)
-    u_prev_hat: Tensor | None = None
+    u_prev_hat: Tensor | None = None  # the last token sent: the next token frame's delta starts here
     since_keyframe: int = 0
+    picture: Tensor | None = None  # the newest keyframe's decoded image, which a repeat shows
 
 
 @dataclass
@@ -127,9 +132,12 @@ class Encoder:
             data, u_hat = self.model.compress_token(u, st.u_prev_hat)
             x_hat = render(self.model, u_hat, st.bank)
             quality = psnr(x_hat, x)
-            if quality >= s.quality_floor or not self.budget.affords_keyframe():
-                st.u_prev_hat = u_hat
+            repeat = psnr(st.picture, x) if s.repeat_keyframe else -torch.inf
+            if max(quality, repeat) >= s.quality_floor or not self.budget.affords_keyframe():
                 st.since_keyframe += 1
+                if repeat > quality:
+                    return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, repeat)
+                st.u_prev_hat = u_hat
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)
         payload, u_hat, x_hat = encode_keyframe(self.model, x)
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
@@ -139,7 +147,7 @@ class Encoder:
 def pack_token_runs(model: IMFCodec, chunks: list[Chunk]) -> list[Chunk]:
     """Each run of FRAME chunks -> one TOKEN_RUN chunk with the same token deltas, so the run pays
     the rANS flush and the chunk framing once (a token frame's ~2 bytes of information came with
-    ~12 bytes of both)."""
+    ~12 bytes of both); each run of REPEAT chunks -> one REPEAT of all their frames."""
     out: list[Chunk] = []
     run: list[Tensor] = []
 
@@ -152,8 +160,12 @@ def pack_token_runs(model: IMFCodec, chunks: list[Chunk]) -> list[Chunk]:
     for chunk in chunks:
         if chunk.type == ChunkType.FRAME:
             run.append(model.decompress_deltas(chunk.payload, 1))  # the exact quantized delta
+            continue
+        flush()
+        if chunk.type == ChunkType.REPEAT and out and out[-1].type == ChunkType.REPEAT:
+            frames = out[-1].frames + chunk.frames
+            out[-1] = Chunk(ChunkType.REPEAT, RepeatPayload(frames).to_bytes())
         else:
-            flush()
             out.append(chunk)
     flush()
     return out
@@ -163,6 +175,7 @@ def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tens
     state.bank = (state.bank + [model.reference(x_hat, u_hat)])[-bank_size:]
     state.u_prev_hat = u_hat
     state.since_keyframe = 0
+    state.picture = x_hat
 
 
 class Decoder:
@@ -175,6 +188,10 @@ class Decoder:
     def decode_frames(self, chunk: Chunk) -> Iterator[Tensor]:
         """Any chunk -> its frames, (1, 3, R, R) each, one at a time (a run of 250 frames held at once
         would be ~200 MB at 256x256). Raises BitstreamError on a payload that cannot be decoded."""
+        if chunk.type == ChunkType.REPEAT:
+            for _ in range(chunk.frames):
+                yield self._repeat()
+            return
         if chunk.type != ChunkType.TOKEN_RUN:
             yield self.decode(chunk)
             return
@@ -192,8 +209,10 @@ class Decoder:
         """A keyframe or token frame chunk -> (1, 3, R, R) frame. Raises BitstreamError on a payload that
         cannot be decoded."""
         st = self.state
-        if chunk.type == ChunkType.TOKEN_RUN:
-            raise BitstreamError("a token run holds several frames: decode it with decode_frames")
+        if chunk.type == ChunkType.TOKEN_RUN or (chunk.type == ChunkType.REPEAT and chunk.frames > 1):
+            raise BitstreamError("a run holds several frames: decode it with decode_frames")
+        if chunk.type == ChunkType.REPEAT:
+            return self._repeat()
         if chunk.type == ChunkType.KEYFRAME:
             u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload), self.resolution)
             add_reference(self.model, st, x_hat, u_hat, self.bank_size)
@@ -201,6 +220,13 @@ class Decoder:
         if not st.bank:
             raise BitstreamError("a frame before any keyframe")
         return self._token_frame(self.model.decompress_deltas(chunk.payload, 1))
+
+    def _repeat(self) -> Tensor:
+        st = self.state
+        if st.picture is None:
+            raise BitstreamError("a frame before any keyframe")
+        st.since_keyframe += 1
+        return st.picture
 
     def _token_frame(self, delta: Tensor) -> Tensor:
         st = self.state

@@ -1,5 +1,5 @@
-"""The .imfc container: a header, then self-delimiting chunks (a keyframe, or a run of token
-frames). See docs/bitstream.md.
+"""The .imfc container: a header, then self-delimiting chunks (a keyframe, a run of token frames,
+or a run of repeats of the newest keyframe's picture). See docs/bitstream.md.
 
     file   = header chunk*
     header = "IMFC" version:u8 length:u16 fields[length] crc32:u32
@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Iterator
 
 MAGIC = b"IMFC"
-VERSION = 2  # 2 added token runs; version 1 streams (one chunk per token frame) still read
+VERSION = 3  # 2 added token runs, 3 repeats; older streams still read
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
 
@@ -31,6 +31,10 @@ class ChunkType(IntEnum):
     KEYFRAME = 1  # a new reference: its token and its image, coded on their own
     FRAME = 2  # a token, coded as a delta from the previous frame's token
     TOKEN_RUN = 3  # the tokens of consecutive frames, each a delta from the one before, in one rANS stream
+    REPEAT = 4  # consecutive frames that show the newest keyframe's picture again (no token)
+
+
+SINCE_VERSION = {ChunkType.TOKEN_RUN: 2, ChunkType.REPEAT: 3}  # chunk types newer than version 1
 
 
 _HEADER_FIELDS = struct.Struct("<8sHHIIIBHHHHH")
@@ -121,8 +125,12 @@ class Chunk:
 
     @property
     def frames(self) -> int:
-        """Frames this chunk holds. Raises BitstreamError on a malformed token run."""
-        return TokenRunPayload.from_bytes(self.payload).frames if self.type == ChunkType.TOKEN_RUN else 1
+        """Frames this chunk holds. Raises BitstreamError on a malformed run."""
+        if self.type == ChunkType.TOKEN_RUN:
+            return TokenRunPayload.from_bytes(self.payload).frames
+        if self.type == ChunkType.REPEAT:
+            return RepeatPayload.from_bytes(self.payload).frames
+        return 1
 
     def to_bytes(self) -> bytes:
         head = bytes([self.type]) + _varint(len(self.payload))
@@ -202,6 +210,21 @@ class TokenRunPayload:
         return TokenRunPayload(n, payload[pos:])
 
 
+@dataclass(frozen=True)
+class RepeatPayload:
+    frames: int
+
+    def to_bytes(self) -> bytes:
+        return _varint(self.frames)
+
+    @staticmethod
+    def from_bytes(payload: bytes) -> "RepeatPayload":
+        n, pos = _read_varint(payload, 0)
+        if n == 0 or pos != len(payload):
+            raise BitstreamError("malformed repeat")
+        return RepeatPayload(n)
+
+
 def write_stream(header: Header, chunks: list[Chunk]) -> bytes:
     return header.to_bytes() + b"".join(c.to_bytes() for c in chunks)
 
@@ -210,8 +233,9 @@ def read_stream(data: bytes) -> tuple[Header, list[Chunk]]:
     """Parse a whole stream, checking every CRC and that the frame count matches the header."""
     header, pos = Header.from_bytes(data)
     chunks = list(iter_chunks(data, pos))
-    if header.version < 2 and any(c.type == ChunkType.TOKEN_RUN for c in chunks):
-        raise BitstreamError(f"a token run in a version {header.version} stream")
+    for c in chunks:
+        if header.version < SINCE_VERSION.get(c.type, 1):
+            raise BitstreamError(f"a {c.type.name.lower().replace('_', ' ')} in a version {header.version} stream")
     frames = sum(c.frames for c in chunks)
     if frames != header.frames:
         problem = "truncated" if frames < header.frames else "malformed"

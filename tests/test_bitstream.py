@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entropy.bitstream import (
-    VERSION, BitstreamError, Chunk, ChunkType, Header, KeyframePayload, TokenRunPayload, iter_chunks, read_stream, resync,
-    write_stream,
+    VERSION, BitstreamError, Chunk, ChunkType, Header, KeyframePayload, RepeatPayload, TokenRunPayload, iter_chunks,
+    read_stream, resync, write_stream,
 )
 
 headers = st.builds(
@@ -67,6 +67,18 @@ def test_token_runs_count_their_frames():
     with pytest.raises(BitstreamError, match="token run in a version 1 stream"):
         read_stream(write_stream(replace(header(8), version=1), [key, run]))
 
+
+
+def test_repeats_count_their_frames():
+    key = Chunk(ChunkType.KEYFRAME, KeyframePayload(b"tok", bytes(50)).to_bytes())
+    repeat = Chunk(ChunkType.REPEAT, RepeatPayload(300).to_bytes())
+    assert RepeatPayload.from_bytes(repeat.payload) == RepeatPayload(300)
+    assert read_stream(write_stream(header(301), [key, repeat]))[1][1].frames == 300
+    for bad in (b"\x00", b"\x05\x00", b""):
+        with pytest.raises(BitstreamError, match="repeat|truncated"):
+            read_stream(write_stream(header(2), [key, Chunk(ChunkType.REPEAT, bad)]))
+    with pytest.raises(BitstreamError, match="repeat in a version 2 stream"):
+        read_stream(write_stream(replace(header(301), version=2), [key, repeat]))
 
 def sample_stream(n=10):
     items = [Chunk(ChunkType.KEYFRAME, KeyframePayload(b"tok", bytes(200)).to_bytes())]

@@ -21,9 +21,9 @@ from codec.video_io import (
     to_uint8,
 )
 from codec.weights import load_weights
-from entropy.bitstream import ChunkType, write_stream
+from entropy.bitstream import Chunk, ChunkType, RepeatPayload, write_stream
 
-ALWAYS_TOKENS = EncoderSettings(quality_floor=0.0, max_keyframe_interval=5, bank_size=2)
+ALWAYS_TOKENS = EncoderSettings(quality_floor=0.0, max_keyframe_interval=5, bank_size=2, repeat_keyframe=False)
 
 
 def model_frames(path: Path, size: int, limit: int | None = None):
@@ -72,6 +72,52 @@ def test_token_runs_hold_the_same_frames_in_fewer_bytes(tiny_weights, synthetic_
     decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, ALWAYS_TOKENS.bank_size)
     decoded = [x for c in packed for x in decoder.decode_frames(c)]
     assert all(torch.equal(a, e.x_hat) for a, e in zip(decoded, encoded, strict=True))
+
+
+
+def off_synthesis(path: Path):
+    """The model at ``path`` with every synthesized frame 0.5 too bright: a still frame is then
+    plainly nearer the keyframe's picture (an untrained model's synthesis is that picture, or all
+    but: nothing to choose between)."""
+    model = load_weights(path)
+    with torch.no_grad():
+        model.frame_decoder.to_full.bias += 0.5
+    return model
+
+
+def test_frames_like_the_keyframe_repeat_its_picture(tiny_weights, synthetic_video):
+    """Frames that the keyframe's picture matches better than a synthesis go out as repeats (here all
+    of them, still or moving): one 7-byte chunk per run once packed, the token chain left where it was, every frame decoded to
+    exactly what the encoder showed. Turned off, no frame repeats."""
+    model = off_synthesis(tiny_weights)
+    frames = model_frames(synthetic_video, model.cfg.resolution)
+    clip = [frames[0]] * 3 + frames[1:4]
+    settings = EncoderSettings(quality_floor=0.0)
+    encoder = Encoder(model, settings)
+    encoded = [encoder.encode(x) for x in clip]
+    assert [e.chunk.type for e in encoded[:3]] == [ChunkType.KEYFRAME] + [ChunkType.REPEAT] * 2
+    assert all(e.x_hat is encoded[0].x_hat for e in encoded[1:3])
+    packed = pack_token_runs(model, [e.chunk for e in encoded])
+    assert [(c.type, c.frames) for c in packed] == [(ChunkType.KEYFRAME, 1), (ChunkType.REPEAT, 5)]
+    assert len(packed[1].to_bytes()) == 7
+    decoder = Decoder(off_synthesis(tiny_weights), (model.cfg.resolution,) * 2, settings.bank_size)
+    decoded = [x for c in packed for x in decoder.decode_frames(c)]
+    assert all(torch.equal(a, e.x_hat) for a, e in zip(decoded, encoded, strict=True))
+    off = Encoder(model, replace(settings, repeat_keyframe=False))
+    assert all(off.encode(x).chunk.type != ChunkType.REPEAT for x in clip)
+
+
+def test_repeats_leave_the_token_chain_alone(tiny_weights, synthetic_video):
+    """A repeat between two token frames: the second token's delta is still taken from the first."""
+    model = load_weights(tiny_weights)
+    encoder = Encoder(model, ALWAYS_TOKENS)
+    encoded = [encoder.encode(x) for x in model_frames(synthetic_video, model.cfg.resolution)[:4]]
+    repeat = Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes())
+    chunks = [e.chunk for e in encoded[:2]] + [repeat] + [e.chunk for e in encoded[2:]]
+    expected = [e.x_hat for e in encoded[:2]] + [encoded[0].x_hat] + [e.x_hat for e in encoded[2:]]
+    decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, ALWAYS_TOKENS.bank_size)
+    decoded = [x for c in pack_token_runs(model, chunks) for x in decoder.decode_frames(c)]
+    assert all(torch.equal(a, b) for a, b in zip(decoded, expected, strict=True))
 
 
 def test_version_1_streams_still_decode(tiny_weights, synthetic_video, tmp_path):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     for anchor in Anchor:
         parser.add_argument(f"--{anchor.value}-crf", type=int_list, default=crfs[anchor],
                             help=f"{anchor.value} CRFs (default {','.join(map(str, crfs[anchor]))}; empty to skip)")
+    parser.add_argument("--no-repeat", action="store_true",
+                        help="imfc synthesizes every token frame, never repeating a keyframe's picture")
     parser.add_argument("--no-vmaf", action="store_true", help="skip VMAF (scored NaN)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{anchor.value}-crf values must be in {lo}..{hi}")
     torch.set_num_threads(max(1, args.threads))
     anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
-    imfc = list(args.imfc_points)
+    imfc = [replace(p, repeat_keyframe=not args.no_repeat) for p in args.imfc_points]
 
     def action() -> int:
         for clip in args.clips:  # every input checked before any work or output

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         size = args.input.stat().st_size
         fps = h.fps_num / max(h.fps_den, 1)
         key = [c for c in chunks if c.type == ChunkType.KEYFRAME]
-        frame = [c for c in chunks if c.type != ChunkType.KEYFRAME]  # single token frames and token runs
+        frame = [c for c in chunks if c.type in (ChunkType.FRAME, ChunkType.TOKEN_RUN)]
+        repeat = [c for c in chunks if c.type == ChunkType.REPEAT]
         token_frames = sum(c.frames for c in frame)
         print(f"format version {h.version}, model {h.preset} ({h.model_id.hex()})")
         print(f"{h.width}x{h.height} at {fps:.3f} fps, {h.frames} frames ({h.frames / fps:.2f} s), bank of {h.bank_size}")
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = sum(c.type == ChunkType.TOKEN_RUN for c in frame)
         print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "") + f", {frame_bytes} bytes"
               + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
+        if repeat:
+            print(f"repeats of a keyframe's picture: {sum(c.frames for c in repeat)} frames in {len(repeat)} "
+                  f"run{'s' if len(repeat) > 1 else ''}, {sum(len(c.to_bytes()) for c in repeat)} bytes")
         print(f"total: {size} bytes, {bits_to_kbps(8 * size, h.frames, fps):.2f} kbps "
               f"(token frames alone {bits_to_kbps(8 * frame_bytes, h.frames, fps):.2f} kbps)")
         if args.chunks:
