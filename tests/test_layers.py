@@ -87,6 +87,26 @@ def test_pixel_flow_warps_by_the_mean_offset():
     assert torch.allclose(warped_by({centre: 0.25}), 0.25 * image, atol=1e-6)
 
 
+
+def test_pixel_flow_samples_the_reference_once():
+    """A coarse flow of half an image pixel, then a window offset of another half: composed, that is a
+    whole-pixel shift, exact; warping twice would blur through two half-pixel bilinear samples."""
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 12, 12)
+    kv = WindowKV.from_maps(torch.zeros(1, 1, 1, 6, 6), torch.zeros(1, 1, 1, 6, 6),
+                            torch.nn.functional.pixel_unshuffle(image, 2), 3)
+    coarse = torch.zeros(1, 2, 6, 6)
+    coarse[:, 1] = 0.25  # map pixels: half an image pixel at stride 2
+    offsets = [(i, j) for i in range(3) for j in range(3)]
+    mean_w = torch.zeros(1, 6, 6, 9)
+    mean_w[..., offsets.index((1, 1))] = 0.75
+    mean_w[..., offsets.index((1, 2))] = 0.25  # mean offset a quarter map pixel: another half image pixel
+    moved = kv.warped(coarse, 2, defer_shared=True)
+    out = torch.nn.functional.pixel_shuffle(warp_shared_pixels(moved, mean_w, offsets, (6, 6)), 2)
+    assert torch.allclose(out[..., :-1], image[..., 1:], atol=1e-5)
+    twice = torch.nn.functional.pixel_shuffle(warp_shared_pixels(kv.warped(coarse, 2), mean_w, offsets, (6, 6)), 2)
+    assert not torch.allclose(twice[..., :-1], image[..., 1:], atol=1e-2)
+
 def test_soft_keypoints_find_a_peak():
     from codec.token_encoder import SoftKeypoints
 

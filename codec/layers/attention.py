@@ -81,6 +81,7 @@ class WindowKV:
     v: list[Tensor]
     shared: list[Tensor] | None
     window: int
+    shared_flow: Tensor | None = None  # (b, 2, H, W) full-resolution move still owed by the shared pixels
 
     @staticmethod
     def from_maps(k: Tensor, v: Tensor, shared: Tensor | None, window: int) -> "WindowKV":
@@ -94,9 +95,11 @@ class WindowKV:
         shared = None if items[0].shared is None else [t for i in items for t in i.shared]
         return WindowKV([t for i in items for t in i.k], [t for i in items for t in i.v], shared, items[0].window)
 
-    def warped(self, flow: Tensor, pixel_stride: int) -> "WindowKV":
+    def warped(self, flow: Tensor, pixel_stride: int, defer_shared: bool = False) -> "WindowKV":
         """The same references moved by flow (b, 2, y, x), in pixels of this map, so that each query's
-        window is centred where the flow points; shared pixels are warped at full resolution."""
+        window is centred where the flow points; shared pixels are warped at full resolution, or with
+        ``defer_shared`` keep the move as ``shared_flow`` for `warp_shared_pixels` to compose with its
+        own, so that the pixels are resampled once."""
         p = self.window // 2
 
         def inner(maps: Tensor) -> Tensor:
@@ -106,12 +109,15 @@ class WindowKV:
             m = inner(maps)
             return F.pad(warp(m.flatten(1, 2), flow).reshape(m.shape), (p,) * 4)
 
-        shared = None
+        shared, shared_flow = self.shared, None
         if self.shared is not None:
             full = resize_flow(flow, (flow.shape[-2] * pixel_stride, flow.shape[-1] * pixel_stride))
-            shared = [F.pad(F.pixel_unshuffle(warp(F.pixel_shuffle(inner(s), pixel_stride), full), pixel_stride),
-                            (p,) * 4) for s in self.shared]
-        return WindowKV([move(k) for k in self.k], [move(v) for v in self.v], shared, self.window)
+            if defer_shared:
+                shared_flow = full
+            else:
+                shared = [F.pad(F.pixel_unshuffle(warp(F.pixel_shuffle(inner(s), pixel_stride), full), pixel_stride),
+                                (p,) * 4) for s in self.shared]
+        return WindowKV([move(k) for k in self.k], [move(v) for v in self.v], shared, self.window, shared_flow)
 
     def dist2(self, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Squared offset of each window position (y, x, s), and an additive mask (y, x, s) that is
@@ -212,7 +218,8 @@ def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTok
 
 def warp_shared_pixels(kv: WindowKV, mean_w: Tensor, offsets: list[tuple[int, int]], size: tuple[int, int]) -> Tensor:
     """mean_w (b, y, x, R*s) -> each reference's shared pixels warped by its mean window offset and
-    weighted by its attention mass, summed (b, c, y, x)."""
+    weighted by its attention mass, summed (b, c, y, x). A pending ``kv.shared_flow`` is composed
+    with the offset (the flow field is resampled, not the pixels), so each pixel is sampled once."""
     p = kv.window // 2
     stride = math.isqrt(kv.shared[0].shape[1] // 3)
     off = torch.tensor(offsets, dtype=mean_w.dtype, device=mean_w.device) - p  # (s, 2) in map pixels
@@ -223,7 +230,10 @@ def warp_shared_pixels(kv: WindowKV, mean_w: Tensor, offsets: list[tuple[int, in
     out = 0
     for r, padded in enumerate(kv.shared):
         image = F.pixel_shuffle(padded[..., p:p + size[0], p:p + size[1]], stride)  # (b, 3, H, W)
-        moved = F.pixel_unshuffle(warp(image, resize_flow(flow[:, r], full)), stride)
+        move = resize_flow(flow[:, r], full)
+        if kv.shared_flow is not None:  # first the window offset, then the coarse flow from there
+            move = move + warp(kv.shared_flow, move)
+        moved = F.pixel_unshuffle(warp(image, move), stride)
         out = out + mass[..., r].unsqueeze(1) * moved
     return out
 
@@ -285,7 +295,7 @@ class CrossAttention(nn.Module):
             displacement = rearrange(pos - _grid(y, x, pos.device), "b (y x) t -> b t y x", y=y)
             return rearrange(out, "b h (y x) e -> b (h e) y x", y=y), None, displacement
         if flow is not None:
-            kv = kv.warped(flow, self.pixel_stride)
+            kv = kv.warped(flow, self.pixel_stride, defer_shared=self.pixel_flow)
         q = rearrange(q, "b h (y x) d -> b h d y x", y=y)
         out, pixels = attend_window(q, kv, self.log_locality, self.extra, self.pixel_flow)
         return rearrange(out, "b h e y x -> b (h e) y x"), pixels, None
