@@ -43,6 +43,11 @@ class IMFConfig:
                 raise ValueError(f"channels {self.channels} must be multiples of head_dim {self.head_dim}")
 
 
+def config_from_dict(d: dict) -> IMFConfig:
+    """The inverse of ``dataclasses.asdict`` (JSON turns the tuples into lists)."""
+    return IMFConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 PRESETS: dict[str, IMFConfig] = {
     # tests: forward+backward in well under a second
     "tiny": IMFConfig(

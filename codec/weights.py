@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from codec.config import IMFConfig
+from codec.config import IMFConfig, config_from_dict
 from codec.model import IMFCodec, build_model
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
@@ -52,17 +52,24 @@ def save_weights(model: IMFCodec, path: Path) -> None:
     tmp.replace(path)
 
 
+def read_config(path: Path) -> IMFConfig:
+    """The model config stored in a weights file's metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return config_from_dict(json.loads(meta["config"]))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: not an imfc weights file ({e.__class__.__name__}: {e})") from None
+
+
 def load_weights(path: Path | None = None, strict: bool = True) -> IMFCodec:
     """Load a weights file (default: the shipped model) into a fresh fp32 model in eval mode.
     ``strict=False`` is for training only: modules the file lacks keep their initialisation."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.exists():
         raise WeightsError(f"{path}: no such weights file")
+    cfg = read_config(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        cfg_dict = json.loads(meta["config"])
-        cfg = IMFConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
         state = load_file(str(path))
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise WeightsError(f"{path}: not an imfc weights file ({e.__class__.__name__}: {e})") from None

@@ -188,6 +188,28 @@ def test_train_end_to_end_and_export(cache_dir, tmp_path):
         assert torch.equal(a, b), n
 
 
+
+def test_export_keeps_the_model_of_the_init_weights(cache_dir, tmp_path, tiny_weights):
+    """A run started from weights switched to pixel_warp="flow" trains a flow model, so its export
+    must be one too, not its preset's (blend) with the same parameters. Checkpoints that predate
+    the recorded model config take it from the init file."""
+    from train.export import export_checkpoint
+    from train.surgery import main as surgery
+
+    init = tmp_path / "flow.safetensors"
+    surgery([str(tiny_weights), str(init), "--pixel-warp", "flow"])
+    cfg = tiny_cfg(cache_dir, tmp_path, init=str(init), steps=2, val_every=100)
+    state = train(cfg)
+    exported = load_weights(cfg.out_dir / "weights.safetensors")
+    assert state.model.cfg.pixel_warp == exported.cfg.pixel_warp == "flow"
+    ckpt = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=True)
+    del ckpt["model_config"]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(ckpt, legacy / "checkpoint.pt")
+    export_checkpoint(legacy, tmp_path / "legacy.safetensors")
+    assert load_weights(tmp_path / "legacy.safetensors").cfg == exported.cfg
+
 def test_cli_overrides():
     cfg = parse_config(["tiny", "--steps", "7", "--lr", "0.01", "--out", "/tmp/x"])
     assert (cfg.steps, cfg.lr, cfg.out, cfg.model) == (7, 0.01, "/tmp/x", "tiny")

@@ -7,15 +7,25 @@ from pathlib import Path
 
 import torch
 
-from codec.config import get_config
+from codec.config import IMFConfig, config_from_dict, get_config
 from codec.model import build_model
-from codec.weights import save_weights
+from codec.weights import read_config, save_weights
+
+
+def checkpoint_model_config(ckpt: dict) -> IMFConfig:
+    """The model a checkpoint's parameters belong to. A run started from ``--init`` weights trains
+    that file's model (e.g. one switched by train.surgery), not its preset's; checkpoints written
+    before they recorded it fall back to the init file's config."""
+    if "model_config" in ckpt:
+        return config_from_dict(ckpt["model_config"])
+    init = ckpt["config"].get("init")
+    return read_config(Path(init).expanduser()) if init else get_config(ckpt["config"]["model"])
 
 
 def export_checkpoint(run_dir: Path, out: Path) -> int:
     """checkpoint.pt of a run -> fp16 safetensors with coder tables. Returns the checkpoint's step."""
     ckpt = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
-    model = build_model(get_config(ckpt["config"]["model"]))
+    model = build_model(checkpoint_model_config(ckpt))
     model.load_state_dict(ckpt["model"])
     save_weights(model, out)
     return ckpt["step"]

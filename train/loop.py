@@ -213,6 +213,7 @@ def save_checkpoint(state: TrainState, sampler: TripletSampler, cfg: TrainConfig
         "sampler": samplers,  # one per replica, in rank order
         "torch_rng": rngs,
         "config": asdict(cfg),
+        "model_config": asdict(state.model.cfg),  # the preset's, or that of the --init weights
     }, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
 
