@@ -4,9 +4,9 @@ The encoder runs the decoder on its own output (closed loop): every frame's reco
 exactly what a decoder will produce, and a frame whose reconstruction falls below the quality
 floor, or comes after ``max_keyframe_interval`` frames, is sent as a keyframe instead. A frame
 that the newest keyframe's picture matches better than its synthesis is sent as a repeat of
-that picture (no token). Keyframes
-join a bank of at most ``bank_size`` references (oldest evicted) that the decoder mirrors. With a
-rate cap (``max_kbps``) the floor's keyframes also wait until a `KeyframeBudget` can pay for them.
+that picture (no token). Keyframes join a bank of at most ``bank_size`` references (oldest
+evicted) that the decoder mirrors. With a rate cap (``max_kbps``) the floor's keyframes also
+wait until a `KeyframeBudget` can pay for them.
 
 For files, `pack_token_runs` then recodes each run of token frames between keyframes as one
 rANS stream, and merges each run of repeats into one chunk (the per-frame chunks stay, for the
