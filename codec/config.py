@@ -65,7 +65,8 @@ PRESETS: dict[str, IMFConfig] = {
         keyframe_channels=(16, 24),
     ),
     # the shipped model: 256x256, trained on CPUs
-    "default": IMFConfig(name="default"),
+    # the shipped model; its stages 1-7 trained with pixel_warp="blend", stage 8 with "flow" (MODEL.md)
+    "default": IMFConfig(name="default", pixel_warp="flow"),
 }
 
 
