@@ -191,8 +191,8 @@ def test_train_end_to_end_and_export(cache_dir, tmp_path):
 
 def test_export_keeps_the_model_of_the_init_weights(cache_dir, tmp_path, tiny_weights):
     """A run started from weights switched to pixel_warp="flow" trains a flow model, so its export
-    must be one too, not its preset's (blend) with the same parameters. Checkpoints that predate
-    the recorded model config take it from the init file."""
+    (and a surgery on its checkpoint) must be one too, not its preset's with the same parameters.
+    Checkpoints that predate the recorded model config take it from the init file."""
     from train.export import export_checkpoint
     from train.surgery import main as surgery
 
@@ -209,6 +209,9 @@ def test_export_keeps_the_model_of_the_init_weights(cache_dir, tmp_path, tiny_we
     torch.save(ckpt, legacy / "checkpoint.pt")
     export_checkpoint(legacy, tmp_path / "legacy.safetensors")
     assert load_weights(tmp_path / "legacy.safetensors").cfg == exported.cfg
+    # so does a next stage's surgery on the run's checkpoint
+    surgery([str(cfg.out_dir / "checkpoint.pt"), str(tmp_path / "next.safetensors")])
+    assert load_weights(tmp_path / "next.safetensors").cfg == exported.cfg
 
 def test_cli_overrides():
     cfg = parse_config(["tiny", "--steps", "7", "--lr", "0.01", "--out", "/tmp/x"])

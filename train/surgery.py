@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from codec.config import get_config
 from codec.model import build_model
 from codec.weights import load_weights, save_weights
+from train.export import checkpoint_model_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.source.suffix == ".pt":
         ckpt = torch.load(args.source, weights_only=True)
-        model = build_model(get_config(ckpt["config"]["model"]))
+        model = build_model(checkpoint_model_config(ckpt))
         result = model.load_state_dict(ckpt["model"], strict=False)
         print(f"{args.source} (step {ckpt['step']}): initialised anew: {result.missing_keys}")
     else:
