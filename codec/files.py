@@ -95,7 +95,7 @@ def read_bitstream(path: Path, model: IMFCodec | None = None) -> tuple[Header, l
 def decode_file(src: Path, dst: Path, model: IMFCodec, upscale: bool = False, progress: bool = True) -> DecodeSummary:
     header, chunks = read_bitstream(src, model)
     fps = Fraction(header.fps_num, max(header.fps_den, 1))
-    decoder = Decoder(model, (header.height, header.width), header.bank_size)
+    decoder = Decoder(model, (header.height, header.width), header.bank_size, header.version)
     size = header.crop_size if upscale else header.width
     writer = FrameWriter(dst, fps)
     start = time.perf_counter()

@@ -96,12 +96,13 @@ class IMFCodec(CompressionModel):
         return self.frame_decoder(aligned, warped)
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, x_ref: Tensor, x_prev: Tensor, x_cur: Tensor) -> RDOutput:
+    def forward(self, x_ref: Tensor, x_prev: Tensor, x_cur: Tensor, key_step: Tensor | None = None) -> RDOutput:
         """Frames (B, 3, H, W) in [0, 1]: a keyframe, the frame before the current one, the current one.
+        ``key_step`` (B,): the keyframes' quantization steps (default: the unit step).
 
         Quantization is replaced by additive uniform noise (the EntropyBottleneck's training mode).
         """
-        key = self.keyframe_codec(x_ref)
+        key = self.keyframe_codec(x_ref, key_step)
         u_ref, u_prev, u_cur = self.token_symbols(torch.cat([x_ref, x_prev, x_cur])).chunk(3)
         u_ref_hat, ref_token_likelihoods = self.token_prior(u_ref[..., None])
         u_prev_hat = quantize_noise(u_prev) if self.training else u_prev.round()
@@ -121,6 +122,7 @@ class IMFCodec(CompressionModel):
         """Build the integer CDF tables the rANS coder uses. Call once after training; they are saved
         with the weights, and a loaded model uses them as they are."""
         self.update(force=True)
+        self.keyframe_codec.step_tables.build(self.keyframe_codec.entropy_bottleneck)
 
     def compress_token(self, u: Tensor, u_prev_hat: Tensor | None) -> tuple[bytes, Tensor]:
         """Token symbols (1, d) -> (bytes, u_hat). Without u_prev_hat the token is coded on its own."""

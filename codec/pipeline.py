@@ -25,7 +25,10 @@ import torch
 from torch import Tensor
 
 from codec.model import IMFCodec, Reference
-from entropy.bitstream import BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload
+from codec.keyframe_codec import KEYFRAME_STEPS
+from entropy.bitstream import (
+    KEYFRAME_STEP_SINCE, VERSION, BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload,
+)
 
 
 def to_8bit(x: Tensor) -> Tensor:
@@ -44,6 +47,11 @@ class EncoderSettings:
     bank_size: int = 2
     max_kbps: float = 0.0  # 0: no cap; else the floor's keyframes wait for a KeyframeBudget at this rate
     repeat_keyframe: bool = True  # a frame closer to the newest keyframe's picture than to its synthesis repeats it
+    keyframe_step: float = 1.0  # quantization step of keyframe images, one of KEYFRAME_STEPS: coarser, fewer bits
+
+    def __post_init__(self) -> None:
+        if self.keyframe_step not in KEYFRAME_STEPS:
+            raise ValueError(f"keyframe step {self.keyframe_step}: choose one of {', '.join(map(str, KEYFRAME_STEPS))}")
 
 
 class KeyframeBudget:
@@ -97,17 +105,20 @@ def render(model: IMFCodec, u_hat: Tensor, bank: list[Reference]) -> Tensor:
     return to_8bit(model.synthesize(u_hat, bank))
 
 
-def encode_keyframe(model: IMFCodec, x: Tensor) -> tuple[KeyframePayload, Tensor, Tensor]:
-    """x (1, 3, R, R) -> (payload, u_hat, x_hat): its token coded on its own, and its image."""
+def encode_keyframe(model: IMFCodec, x: Tensor, step: int = 0) -> tuple[KeyframePayload, Tensor, Tensor]:
+    """x (1, 3, R, R) -> (payload, u_hat, x_hat): its token coded on its own, and its image at the
+    quantization step KEYFRAME_STEPS[step]."""
     token, u_hat = model.compress_token(model.token_symbols(x), None)
-    image, x_hat = model.keyframe_codec.compress(x)
-    return KeyframePayload(token, image), u_hat, to_8bit(x_hat)
+    image, x_hat = model.keyframe_codec.compress(x, step)
+    return KeyframePayload(token, image, step), u_hat, to_8bit(x_hat)
 
 
 def decode_keyframe(model: IMFCodec, payload: KeyframePayload, resolution: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Inverse of encode_keyframe -> (u_hat, x_hat)."""
+    if payload.step >= len(KEYFRAME_STEPS):
+        raise BitstreamError(f"keyframe quantization step {payload.step} is unknown to this imfc")
     u_hat = model.decompress_token(payload.token, None)
-    return u_hat, to_8bit(model.keyframe_codec.decompress(payload.image, resolution))
+    return u_hat, to_8bit(model.keyframe_codec.decompress(payload.image, resolution, payload.step))
 
 
 class Encoder:
@@ -139,7 +150,7 @@ class Encoder:
                     return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, repeat)
                 st.u_prev_hat = u_hat
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)
-        payload, u_hat, x_hat = encode_keyframe(self.model, x)
+        payload, u_hat, x_hat = encode_keyframe(self.model, x, KEYFRAME_STEPS.index(s.keyframe_step))
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
         return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
@@ -179,8 +190,10 @@ def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tens
 
 
 class Decoder:
-    def __init__(self, model: IMFCodec, resolution: tuple[int, int], bank_size: int):
+    def __init__(self, model: IMFCodec, resolution: tuple[int, int], bank_size: int, version: int = VERSION):
+        """``version``: the stream's format version (its header's)."""
         self.model = model.eval()
+        self.keyframe_steps = version >= KEYFRAME_STEP_SINCE
         self.resolution = resolution
         self.bank_size = bank_size
         self.state = CodecState()
@@ -214,7 +227,7 @@ class Decoder:
         if chunk.type == ChunkType.REPEAT:
             return self._repeat()
         if chunk.type == ChunkType.KEYFRAME:
-            u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload), self.resolution)
+            u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload, self.keyframe_steps), self.resolution)
             add_reference(self.model, st, x_hat, u_hat, self.bank_size)
             return x_hat
         if not st.bank:

@@ -108,7 +108,8 @@ def load_clip(path: Path, resolution: int, frames: int) -> Clip:
 def imfc_setting(s: EncoderSettings) -> str:
     cap = f", cap {s.max_kbps:g} kbps" if s.max_kbps > 0 else ""
     repeat = "" if s.repeat_keyframe else ", no repeats"
-    return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}{cap}{repeat}"
+    step = f", key step {s.keyframe_step:g}" if s.keyframe_step != 1 else ""
+    return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}{cap}{step}{repeat}"
 
 
 def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[int, int, np.ndarray, float]:

@@ -155,7 +155,7 @@ class Sender:
         st.tokens[fid] = u_hat
         st.last_keyframe = fid
         st.keyframe_requested = False
-        pieces = pk.fragment(payload.to_bytes(), self.settings.max_packet)
+        pieces = pk.fragment(payload.to_bytes(with_step=False), self.settings.max_packet)  # packet format 1: step 0
         packets = [pk.to_bytes(pk.KeyframeFragment(self._seq(), fid, ref & 0xFF, i, len(pieces), piece))
                    for i, piece in enumerate(pieces)]
         self._forget(fid)

@@ -18,7 +18,8 @@ from enum import IntEnum
 from typing import Iterator
 
 MAGIC = b"IMFC"
-VERSION = 3  # 2 added token runs, 3 repeats; older streams still read
+VERSION = 4  # 2 added token runs, 3 repeats, 4 keyframe quantization steps; older streams still read
+KEYFRAME_STEP_SINCE = 4
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
 
@@ -182,16 +183,21 @@ def resync(data: bytes, pos: int) -> int | None:
 class KeyframePayload:
     token: bytes
     image: bytes
+    step: int = 0  # index of the image's quantization step (codec.keyframe_codec.KEYFRAME_STEPS)
 
-    def to_bytes(self) -> bytes:
-        return _varint(len(self.token)) + self.token + self.image
+    # Before format 4 a keyframe had no step byte: its image was always coded at step 0.
+    def to_bytes(self, with_step: bool = True) -> bytes:
+        if not with_step and self.step:
+            raise ValueError("a keyframe without a step field must use step 0")
+        return _varint(len(self.token)) + self.token + (bytes([self.step]) if with_step else b"") + self.image
 
     @staticmethod
-    def from_bytes(payload: bytes) -> "KeyframePayload":
+    def from_bytes(payload: bytes, with_step: bool = True) -> "KeyframePayload":
         n, pos = _read_varint(payload, 0)
-        if pos + n > len(payload):
+        if pos + n + with_step > len(payload):
             raise BitstreamError("malformed keyframe payload")
-        return KeyframePayload(payload[pos:pos + n], payload[pos + n:])
+        step = payload[pos + n] if with_step else 0
+        return KeyframePayload(payload[pos:pos + n], payload[pos + n + with_step:], step)
 
 
 @dataclass(frozen=True)

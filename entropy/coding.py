@@ -45,7 +45,12 @@ def decode_symbols(bottleneck: EntropyBottleneck, data: bytes, spatial: tuple[in
     """
     require_tables(bottleneck)
     symbols = bottleneck._quantized_cdf.shape[0] * math.prod(spatial)
-    return bottleneck.decompress([bytes(data) + bytes(8 * symbols + 64)], spatial)
+    return bottleneck.decompress([bytes(data) + rans_padding(symbols)], spatial)
+
+
+def rans_padding(symbols: int) -> bytes:
+    """Zeros to append to a rANS stream of this many symbols before decoding it (see decode_symbols)."""
+    return bytes(8 * symbols + 64)
 
 
 def quantize_noise(x: Tensor) -> Tensor:

@@ -42,10 +42,26 @@ def test_chunks_round_trip(items):
     assert list(iter_chunks(data, pos)) == items
 
 
-@given(st.binary(max_size=50), st.binary(max_size=500))
-def test_keyframe_payload_round_trip(token, image):
-    p = KeyframePayload(token, image)
+@given(st.binary(max_size=50), st.binary(max_size=500), st.integers(0, 255))
+def test_keyframe_payload_round_trip(token, image, step):
+    p = KeyframePayload(token, image, step)
     assert KeyframePayload.from_bytes(p.to_bytes()) == p
+
+
+@given(st.binary(max_size=50), st.binary(max_size=500))
+def test_keyframe_payload_before_version_4_has_no_step(token, image):
+    """Format 1-3 keyframes (and call packets) carry no step byte: they read as step 0, and only
+    step 0 can be written that way."""
+    p = KeyframePayload(token, image)
+    assert len(p.to_bytes(with_step=False)) == len(p.to_bytes()) - 1
+    assert KeyframePayload.from_bytes(p.to_bytes(with_step=False), with_step=False) == p
+    with pytest.raises(ValueError):
+        KeyframePayload(token, image, 3).to_bytes(with_step=False)
+
+
+def test_keyframe_payload_without_room_for_its_step_is_refused():
+    with pytest.raises(BitstreamError, match="malformed keyframe"):
+        KeyframePayload.from_bytes(bytes([3]) + b"tok")
 
 
 @given(st.integers(1, 2**28 - 1), st.binary(max_size=100))

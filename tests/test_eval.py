@@ -129,10 +129,11 @@ def test_eval_rejects_out_of_range_crf(capsys, synthetic_video, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_imfc_points_take_an_optional_rate_cap():
-    points = eval_tool.imfc_points("20:250,24:5:16")
-    assert points == (EncoderSettings(20.0, 250), EncoderSettings(24.0, 5, max_kbps=16.0))
-    assert eval_tool.points_text(points) == "20:250,24:5:16"
-    for bad in ("20", "20:250:16:1", "20:0", "20:250:-1", "x:5"):
+def test_imfc_points_take_an_optional_rate_cap_and_keyframe_step():
+    points = eval_tool.imfc_points("20:250,24:5:16,22:250:0:2")
+    assert points == (EncoderSettings(20.0, 250), EncoderSettings(24.0, 5, max_kbps=16.0),
+                      EncoderSettings(22.0, 250, keyframe_step=2.0))
+    assert eval_tool.points_text(points) == "20:250,24:5:16,22:250:0:2"
+    for bad in ("20", "20:250:16:1.1", "20:250:16:2:1", "20:0", "20:250:-1", "x:5"):
         with pytest.raises(argparse.ArgumentTypeError):
             eval_tool.imfc_points(bad)

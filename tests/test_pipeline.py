@@ -21,7 +21,9 @@ from codec.video_io import (
     to_uint8,
 )
 from codec.weights import load_weights
-from entropy.bitstream import Chunk, ChunkType, RepeatPayload, write_stream
+from codec.keyframe_codec import KEYFRAME_STEPS
+from entropy.bitstream import BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, write_stream
+from entropy.coding import encode_symbols
 
 ALWAYS_TOKENS = EncoderSettings(quality_floor=0.0, max_keyframe_interval=5, bank_size=2, repeat_keyframe=False)
 
@@ -120,6 +122,13 @@ def test_repeats_leave_the_token_chain_alone(tiny_weights, synthetic_video):
     assert all(torch.equal(a, b) for a, b in zip(decoded, expected, strict=True))
 
 
+def without_step(chunk: Chunk) -> Chunk:
+    """A keyframe chunk as formats 1-3 wrote it."""
+    if chunk.type != ChunkType.KEYFRAME:
+        return chunk
+    return Chunk(chunk.type, KeyframePayload.from_bytes(chunk.payload).to_bytes(with_step=False))
+
+
 def test_version_1_streams_still_decode(tiny_weights, synthetic_video, tmp_path):
     """One chunk per token frame and format version 1, as imfc wrote before token runs."""
     model = load_weights(tiny_weights)
@@ -127,7 +136,7 @@ def test_version_1_streams_still_decode(tiny_weights, synthetic_video, tmp_path)
     encode_file(synthetic_video, new, model, ALWAYS_TOKENS, progress=False)
     header, _ = read_bitstream(new, model)
     encoder = Encoder(model, ALWAYS_TOKENS)
-    chunks = [encoder.encode(x).chunk for x in model_frames(synthetic_video, model.cfg.resolution)]
+    chunks = [without_step(encoder.encode(x).chunk) for x in model_frames(synthetic_video, model.cfg.resolution)]
     old = tmp_path / "old.imfc"
     old.write_bytes(write_stream(replace(header, version=1), chunks))
     a, b = tmp_path / "a", tmp_path / "b"
@@ -135,6 +144,51 @@ def test_version_1_streams_still_decode(tiny_weights, synthetic_video, tmp_path)
     decode_file(old, b, model, progress=False)
     pngs = sorted(a.glob("*.png"))
     assert len(pngs) == 12 and all(np.array_equal(np.array(Image.open(p)), np.array(Image.open(b / p.name))) for p in pngs)
+
+
+def test_keyframe_steps_decode_exactly_and_coarser_costs_less(tiny_weights, synthetic_video):
+    """Every quantization step codes to bytes that decode to exactly the encoder's picture; coarser
+    steps cost fewer bytes and give another picture; step 0 is the EntropyBottleneck's
+    own coding, so streams written before steps existed decode the same."""
+    model = load_weights(tiny_weights)
+    codec, x = model.keyframe_codec, model_frames(synthetic_video, model.cfg.resolution)[0]
+    with torch.no_grad():
+        codec.g_a[-1].weight.mul_(20)  # an untrained latent is near 0: give every step something to round
+        sizes, pictures = [], []
+        for i, step in enumerate(KEYFRAME_STEPS):
+            data, x_hat = codec.compress(x, i)
+            assert torch.equal(codec.decompress(data, x.shape[-2:], i), x_hat)
+            assert torch.allclose(codec(x, torch.tensor([step])).x_hat.clamp(0, 1), x_hat, atol=1e-5)
+            sizes.append(len(data))
+            pictures.append(x_hat)
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.8 * sizes[0]
+        assert not torch.equal(pictures[-1], pictures[0])
+        assert codec.compress(x, 0)[0] == encode_symbols(codec.entropy_bottleneck, codec.g_a(x * 2 - 1))
+
+
+def test_streams_with_coarse_keyframes_decode_exactly(tiny_weights, synthetic_video, tmp_path):
+    model = load_weights(tiny_weights)
+    settings = replace(ALWAYS_TOKENS, keyframe_step=2.5)
+    encoder = Encoder(model, settings)
+    encoded = [encoder.encode(x) for x in model_frames(synthetic_video, model.cfg.resolution)]
+    keyframes = [KeyframePayload.from_bytes(e.chunk.payload) for e in encoded if e.chunk.type == ChunkType.KEYFRAME]
+    assert [k.step for k in keyframes] == [KEYFRAME_STEPS.index(2.5)] * 2
+    decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, settings.bank_size)
+    assert all(torch.equal(decoder.decode(e.chunk), e.x_hat) for e in encoded)
+    stream = tmp_path / "s.imfc"
+    encode_file(synthetic_video, stream, model, settings, progress=False)
+    assert read_bitstream(stream, model)[0].version == 4
+    with pytest.raises(ValueError, match="keyframe step"):
+        EncoderSettings(keyframe_step=1.1)
+
+
+def test_unknown_keyframe_step_is_refused(tiny_weights, synthetic_video):
+    model = load_weights(tiny_weights)
+    chunk = Encoder(model, ALWAYS_TOKENS).encode(model_frames(synthetic_video, model.cfg.resolution)[0]).chunk
+    bad = replace(KeyframePayload.from_bytes(chunk.payload), step=len(KEYFRAME_STEPS))
+    decoder = Decoder(model, (model.cfg.resolution,) * 2, ALWAYS_TOKENS.bank_size)
+    with pytest.raises(BitstreamError, match="step"):
+        decoder.decode(Chunk(ChunkType.KEYFRAME, bad.to_bytes()))
 
 
 def test_quality_floor_forces_keyframes(tiny_weights, synthetic_video):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from codec.files import encode_file
+from codec.keyframe_codec import KEYFRAME_STEPS
 from codec.pipeline import EncoderSettings
 from codec.video_io import Box
 from codec.weights import load_weights
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-kbps", type=float, default=defaults.max_kbps,
                         help="rate cap: a keyframe the floor asks for waits until the last 2 s stay under "
                              "this rate (default %(default)s: no cap)")
+    parser.add_argument("--keyframe-step", type=float, default=defaults.keyframe_step, choices=KEYFRAME_STEPS,
+                        help="quantization step of keyframe images: coarser is cheaper and blurrier (default %(default)s)")
     parser.add_argument("--no-repeat", action="store_true",
                         help="synthesize every token frame, even where repeating the newest keyframe's picture is closer")
     parser.add_argument("--bank-size", type=int, default=defaults.bank_size,
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         model = load_weights(args.weights)
         settings = EncoderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size, args.max_kbps,
-                                   repeat_keyframe=not args.no_repeat)
+                                   repeat_keyframe=not args.no_repeat, keyframe_step=args.keyframe_step)
         s = encode_file(args.input, args.output, model, settings, args.crop, args.frames, progress=not args.quiet)
         print(f"{args.output}: {s.frames} frames, {s.keyframes} keyframes, {s.bytes} bytes, {s.kbps:.2f} kbps, "
               f"PSNR {s.psnr:.2f} dB, {s.fps:.1f} fps")

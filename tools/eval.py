@@ -38,27 +38,31 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def imfc_point(text: str) -> EncoderSettings:
-    floor, keyint, *cap = text.split(":")
-    if len(cap) > 1:
+    floor, keyint, *rest = text.split(":")
+    if len(rest) > 2:
         raise ValueError(text)
-    return EncoderSettings(float(floor), int(keyint), max_kbps=float(cap[0]) if cap else 0.0)
+    cap, step = (rest + ["0", "1"][len(rest):])
+    return EncoderSettings(float(floor), int(keyint), max_kbps=float(cap), keyframe_step=float(step))
 
 
 def imfc_points(text: str) -> tuple[EncoderSettings, ...]:
-    """"FLOOR:KEYINT[:KBPS],..." -> encoder settings (quality floor in dB, forced keyframe interval,
-    optional rate cap)."""
+    """"FLOOR:KEYINT[:KBPS[:STEP]],..." -> encoder settings (quality floor in dB, forced keyframe
+    interval, optional rate cap (0: none), keyframe quantization step)."""
     try:
         points = tuple(imfc_point(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FLOOR:KEYINT[:KBPS],... (e.g. 20:250,24:5:16), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected FLOOR:KEYINT[:KBPS[:STEP]],... (e.g. 20:250,24:5:16,22:250:0:2), got {text!r}") from None
     if not points or any(p.max_keyframe_interval < 1 or p.max_kbps < 0 for p in points):
-        raise argparse.ArgumentTypeError("need at least one FLOOR:KEYINT[:KBPS] with KEYINT >= 1 and KBPS >= 0")
+        raise argparse.ArgumentTypeError("need at least one FLOOR:KEYINT[:KBPS[:STEP]] with KEYINT >= 1 and KBPS >= 0")
     return points
 
 
 def points_text(points: tuple[EncoderSettings, ...]) -> str:
-    return ",".join(f"{p.quality_floor:g}:{p.max_keyframe_interval}" + (f":{p.max_kbps:g}" if p.max_kbps else "")
-                    for p in points)
+    def text(p: EncoderSettings) -> str:
+        step = f":{p.keyframe_step:g}" if p.keyframe_step != 1 else ""
+        return f"{p.quality_floor:g}:{p.max_keyframe_interval}" + (f":{p.max_kbps:g}" if p.max_kbps or step else "") + step
+    return ",".join(text(p) for p in points)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
     parser.add_argument("--frames", type=int, default=d.frames, help="frames per clip, from the start (default %(default)s)")
     parser.add_argument("--imfc-points", type=imfc_points, default=d.imfc,
-                        help="imfc operating points as QUALITY_FLOOR_DB:MAX_KEYFRAME_INTERVAL[:MAX_KBPS],... "
+                        help="imfc operating points as QUALITY_FLOOR_DB:MAX_KEYFRAME_INTERVAL[:MAX_KBPS[:KEYFRAME_STEP]],... "
                              f"(default {points_text(d.imfc)})")
     for anchor in Anchor:
         parser.add_argument(f"--{anchor.value}-crf", type=int_list, default=crfs[anchor],

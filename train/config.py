@@ -30,6 +30,7 @@ class TrainConfig:
     camera_motion: float = 0.0  # share of samples whose current frame is also moved by a random similarity
     near_share: float = 0.0  # share of samples whose current frame is at most near_distance after the reference
     near_distance: int = 25
+    key_step_max: float = 1.0  # keyframes train at steps of KEYFRAME_STEPS up to this, drawn per sample
     gan_weight: float = 0.0  # weight of the patch discriminator's hinge loss on the frame; 0 = no discriminator
     gan_start: int = 0  # the discriminator trains from step 0, the frame feels it from this step
     d_lr: float = 1e-4

@@ -33,6 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from codec.config import get_config
+from codec.keyframe_codec import KEYFRAME_STEPS
 from codec.model import IMFCodec, build_model
 from codec.weights import load_weights, save_weights
 from entropy.coding import bits
@@ -122,6 +123,13 @@ def ramp(start: int, length: int, step: int) -> float:
     return min(1.0, max(0.0, (step - start) / max(1, length)))
 
 
+def key_steps(step_max: float, batch: int) -> Tensor | None:
+    """Each sample's keyframe quantization step, uniform over KEYFRAME_STEPS up to step_max (None:
+    all at the unit step), so the model learns every rate the encoder may pick."""
+    steps = torch.tensor([s for s in KEYFRAME_STEPS if s <= step_max])
+    return steps[torch.randint(len(steps), (batch,))] if len(steps) > 1 else None
+
+
 def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetrics:
     t0 = time.perf_counter()
     x_ref, x_prev, x_cur = batch
@@ -129,7 +137,7 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     w_key = ramp(cfg.rate_start, cfg.rate_ramp, state.step)
     w_token = ramp(cfg.token_rate_start, cfg.rate_ramp, state.step)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.world.device.type == "cuda"):
-        out = state.net(x_ref, x_prev, x_cur)
+        out = state.net(x_ref, x_prev, x_cur, key_steps(cfg.key_step_max, x_ref.shape[0]))
     terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight)
     loss, gan_g = terms.loss, torch.zeros(())
     if state.disc is not None and state.step >= cfg.gan_start:
