@@ -162,7 +162,7 @@ class Receiver:
             return []
         del st.partial[ref]
         try:
-            payload = KeyframePayload.from_bytes(b"".join(part.pieces[i] for i in range(part.count)), with_step=False)
+            payload = KeyframePayload.from_bytes(b"".join(part.pieces[i] for i in range(part.count)))
             u_hat, x_hat = decode_keyframe(self.model, payload, self.resolution)
         except (BitstreamError, ValueError, RuntimeError):
             self.stats.damaged += 1

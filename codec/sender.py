@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from codec.model import IMFCodec, Reference
+from codec.keyframe_codec import KEYFRAME_STEPS
 from codec.pipeline import KeyframeBudget, encode_keyframe, psnr, render
 from entropy import packet as pk
 
@@ -46,8 +47,11 @@ class SenderSettings:
     min_keyframe_gap: int = 2  # frames: keyframe requests are answered at most this often
     max_kbps: float = 0.0  # 0: no cap; else the quality floor's keyframes wait for a KeyframeBudget
     # (keyframes the receiver asks for, and the first, are sent regardless: they end a frozen picture)
+    keyframe_step: float = 1.0  # quantization step of keyframe images, one of KEYFRAME_STEPS
 
     def __post_init__(self) -> None:
+        if self.keyframe_step not in KEYFRAME_STEPS:
+            raise ValueError(f"keyframe step {self.keyframe_step}: choose one of {', '.join(map(str, KEYFRAME_STEPS))}")
         if not 1 <= self.bank_size < pk.REF_WINDOW:
             raise ValueError(f"bank_size must be in 1..{pk.REF_WINDOW - 1}")
 
@@ -148,14 +152,14 @@ class Sender:
 
     def _keyframe(self, fid: int, x: Tensor) -> SentFrame:
         st = self.state
-        payload, u_hat, x_hat = encode_keyframe(self.model, x)
+        payload, u_hat, x_hat = encode_keyframe(self.model, x, KEYFRAME_STEPS.index(self.settings.keyframe_step))
         ref = st.next_ref
         st.next_ref += 1
         st.refs[ref] = SentReference(fid, u_hat, x_hat)
         st.tokens[fid] = u_hat
         st.last_keyframe = fid
         st.keyframe_requested = False
-        pieces = pk.fragment(payload.to_bytes(with_step=False), self.settings.max_packet)  # packet format 1: step 0
+        pieces = pk.fragment(payload.to_bytes(), self.settings.max_packet)
         packets = [pk.to_bytes(pk.KeyframeFragment(self._seq(), fid, ref & 0xFF, i, len(pieces), piece))
                    for i, piece in enumerate(pieces)]
         self._forget(fid)

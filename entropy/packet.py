@@ -19,7 +19,7 @@ from enum import IntEnum
 
 from entropy.bitstream import BitstreamError
 
-PACKET_VERSION = 1
+PACKET_VERSION = 2  # 2: keyframe payloads carry their quantization step (bitstream format 4's form)
 MAX_PACKET = 1200  # bytes: fits a 1280-byte IPv6 MTU with room for SCTP/DTLS/UDP framing
 _HEAD = struct.Struct("<BHHBBB")  # version|type, seq, frame, three type-specific bytes
 OVERHEAD = _HEAD.size + 2  # header and check: every packet's bytes beyond its payload

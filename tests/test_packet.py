@@ -38,8 +38,8 @@ def test_rejects_truncated_oversized_and_foreign():
         with pytest.raises(pk.PacketError):
             pk.from_bytes(bad)
     newer = bytearray(good)
-    newer[0] = 2 << 4 | pk.PacketType.TOKEN
-    with pytest.raises(pk.PacketError, match="version 2"):
+    newer[0] = (pk.PACKET_VERSION + 1) << 4 | pk.PacketType.TOKEN
+    with pytest.raises(pk.PacketError, match=f"version {pk.PACKET_VERSION + 1}"):
         pk.from_bytes(bytes(newer[:-2]) + pk._check(bytes(newer[:-2])))
 
 

@@ -1,6 +1,7 @@
 """Sender/Receiver over a simulated impaired link: loss, reordering, keyframe requests, fuzzing."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -46,6 +47,13 @@ def test_lossless_call_equals_closed_loop(model, frames):
     assert [p.frame for p in call.played] == list(range(40))
     assert all(p.outcome in (Outcome.KEYFRAME, Outcome.TOKEN) for p in call.played)
     assert [i for i, k in enumerate(call.sent) if k == FrameKind.KEYFRAME] == [0, 15, 30]
+    assert_exact_where_shown(call)
+
+
+def test_call_with_coarse_keyframes_equals_closed_loop(model, frames):
+    settings = replace(CHECKED, keyframe_step=3.0)
+    call = simulate_call(model, frames[:16], 25, settings, LinkConfig(delay=0.03), LinkConfig(delay=0.03))
+    assert all(p.outcome in (Outcome.KEYFRAME, Outcome.TOKEN) for p in call.played)
     assert_exact_where_shown(call)
 
 

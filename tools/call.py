@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from codec.keyframe_codec import KEYFRAME_STEPS
 from codec.sender import FrameKind, SenderSettings
 from codec.video_io import to_tensor
 from codec.weights import load_weights
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--max-kbps", type=float, default=defaults.max_kbps,
                       help="rate cap: a keyframe the quality floor asks for waits until the last 2 s stay under "
                            "it (keyframes the receiver asks for do not wait); 0 = no cap (default %(default)s)")
+    send.add_argument("--keyframe-step", type=float, default=defaults.keyframe_step, choices=KEYFRAME_STEPS,
+                      help="quantization step of keyframe images: coarser is cheaper and blurrier (default %(default)s)")
     send.add_argument("--json", type=Path, default=None, help="write the receiver's report here as JSON")
     add_common(send)
     recv = sub.add_parser("recv", help="wait for a call and write what it shows to a video file")
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval)
     sim.add_argument("--bank-size", type=int, default=defaults.bank_size)
     sim.add_argument("--max-kbps", type=float, default=defaults.max_kbps)
+    sim.add_argument("--keyframe-step", type=float, default=defaults.keyframe_step, choices=KEYFRAME_STEPS)
     sim.add_argument("--lose-keyframe", type=int, default=None, metavar="K",
                      help="also run the call with the first fragment of keyframe K (0: the first) dropped, "
                           "and report how long it takes to recover")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 return simulate(model, args)
             if args.role == "send":
                 settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size,
-                                          max_kbps=args.max_kbps)
+                                          max_kbps=args.max_kbps, keyframe_step=args.keyframe_step)
                 source = open_source(args.source, model.cfg.resolution, args.frames, args.crop)
                 if args.fps:
                     source.fps = Fraction(args.fps).limit_denominator(1001)
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def simulate(model, args: argparse.Namespace) -> int:
     settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size,
-                              max_kbps=args.max_kbps)
+                              max_kbps=args.max_kbps, keyframe_step=args.keyframe_step)
     source = open_source(args.source, model.cfg.resolution, args.frames)
     images = list(source.frames)
     frames = [to_tensor(f) for f in images]
