@@ -137,8 +137,10 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     w_key = ramp(cfg.rate_start, cfg.rate_ramp, state.step)
     w_token = ramp(cfg.token_rate_start, cfg.rate_ramp, state.step)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.world.device.type == "cuda"):
-        out = state.net(x_ref, x_prev, x_cur, key_steps(cfg.key_step_max, x_ref.shape[0]))
-    terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight)
+        key_step = key_steps(cfg.key_step_max, x_ref.shape[0])
+        out = state.net(x_ref, x_prev, x_cur, key_step)
+    terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight,
+                    key_step)
     loss, gan_g = terms.loss, torch.zeros(())
     if state.disc is not None and state.step >= cfg.gan_start:
         state.disc.requires_grad_(False)  # the frame's adversarial gradient must not train the discriminator

@@ -39,11 +39,16 @@ class LossTerms:
 
 
 def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmbda_key: float,
-            msssim_weight: float) -> LossTerms:
+            msssim_weight: float, key_step: Tensor | None = None) -> LossTerms:
     """D(frame) + D(keyframe) + lmbda_token * bpp_token + lmbda_key * bpp_key,
     D = (1 - w) * L1 + w * (1 - MS-SSIM). Keep w at 0 until the networks reconstruct decently:
     measured here, MS-SSIM from step 0 drives a fresh keyframe codec to 7 dB (it ignores
-    brightness and colour at first), where L1 alone reaches 22.5 dB in 150 steps."""
+    brightness and colour at first), where L1 alone reaches 22.5 dB in 150 steps.
+
+    A keyframe quantized with step s (``key_step``, (B,)) has its bits weighted by s: the slope of an
+    L1 rate-distortion curve grows in proportion to the step, so each step is then the best point
+    for its own slope, and the encoder has no reason to inflate its latent to serve coarse steps
+    (with one weight for all steps it did: 250 steps raised the unit step's bpp from 0.104 to 0.132)."""
     pixels = x_cur.shape[-2] * x_cur.shape[-1]
 
     def distortion(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,9 +58,11 @@ def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmb
     d_cur, s_cur = distortion(out.x_hat, x_cur)
     d_key, _ = distortion(out.x_ref_hat, x_ref)
     bpp_token = bits(out.token_likelihoods).mean() / pixels
-    bpp_key = (bits(out.keyframe_likelihoods) + bits(out.ref_token_likelihoods)).mean() / pixels
+    key_bits = bits(out.keyframe_likelihoods) + bits(out.ref_token_likelihoods)
+    bpp_key = key_bits.mean() / pixels
+    key_rate = bpp_key if key_step is None else (key_bits * key_step).mean() / pixels
     d = d_cur + d_key
-    loss = d + lmbda_token * bpp_token + lmbda_key * bpp_key
+    loss = d + lmbda_token * bpp_token + lmbda_key * key_rate
     return LossTerms(
         loss=loss,
         distortion=d.detach(),
