@@ -42,12 +42,14 @@ def psnr(x_hat: Tensor, x: Tensor) -> float:
 
 @dataclass(frozen=True)
 class EncoderSettings:
-    quality_floor: float = 20.0  # PSNR (dB) below which a frame is sent as a keyframe instead
+    # The defaults (24 dB floor, 11 kbps cap, keyframe step 2) were chosen on 12 training clips, not
+    # on the validation clips: see MODEL.md, "Default encoder settings".
+    quality_floor: float = 24.0  # PSNR (dB) below which a frame is sent as a keyframe instead
     max_keyframe_interval: int = 250  # frames; 10 s at 25 fps
     bank_size: int = 2
-    max_kbps: float = 0.0  # 0: no cap; else the floor's keyframes wait for a KeyframeBudget at this rate
+    max_kbps: float = 11.0  # 0: no cap; else the floor's keyframes wait for a KeyframeBudget at this rate
     repeat_keyframe: bool = True  # a frame closer to the newest keyframe's picture than to its synthesis repeats it
-    keyframe_step: float = 1.0  # quantization step of keyframe images, one of KEYFRAME_STEPS: coarser, fewer bits
+    keyframe_step: float = 2.0  # quantization step of keyframe images, one of KEYFRAME_STEPS: coarser, fewer bits
 
     def __post_init__(self) -> None:
         if self.keyframe_step not in KEYFRAME_STEPS:

@@ -36,11 +36,11 @@ class EvalSettings:
     frames: int = 125  # per clip, from the start (5 s at 25 fps)
     # imfc's rate is set by how often it sends a keyframe: on quality (the floor) or on a timer
     imfc: tuple[EncoderSettings, ...] = (
-        EncoderSettings(quality_floor=0.0),  # one keyframe, then tokens only: imfc's lowest rate
-        EncoderSettings(quality_floor=18.0),
-        EncoderSettings(quality_floor=20.0),  # the shipped default
-        EncoderSettings(quality_floor=22.0, max_keyframe_interval=10),
-        EncoderSettings(quality_floor=24.0, max_keyframe_interval=5),
+        EncoderSettings(quality_floor=0.0, max_kbps=0.0),  # one keyframe, then tokens only: imfc's lowest rate
+        EncoderSettings(max_kbps=8.0),
+        EncoderSettings(),  # the shipped default: 24 dB floor, 11 kbps cap, keyframe step 2
+        EncoderSettings(max_kbps=16.0),
+        EncoderSettings(max_kbps=0.0, max_keyframe_interval=5),  # a keyframe at least every 6th frame
     )
     # CRFs down to each anchor's lowest rate at 256x256 (x264/x265 cannot go below ~10-20 kbps)
     crfs: tuple[tuple[Anchor, tuple[int, ...]], ...] = (
@@ -108,7 +108,7 @@ def load_clip(path: Path, resolution: int, frames: int) -> Clip:
 def imfc_setting(s: EncoderSettings) -> str:
     cap = f", cap {s.max_kbps:g} kbps" if s.max_kbps > 0 else ""
     repeat = "" if s.repeat_keyframe else ", no repeats"
-    step = f", key step {s.keyframe_step:g}" if s.keyframe_step != 1 else ""
+    step = f", key step {s.keyframe_step:g}"
     return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}{cap}{step}{repeat}"
 
 

@@ -71,12 +71,13 @@ def test_eval_points_are_consistent(eval_out, tiny_weights, synthetic_video, tmp
         assert 5 < p["psnr_rgb"] < 100 and 0 < p["ms_ssim"] <= 1 and p["gmsd"] >= 0
     imfc = {p["setting"]: p for p in points if p["codec"] == "imfc"}
     # --max-keyframe-interval 2: two token frames between keyframes, so frames 0 and 3 are keyframes
-    assert imfc["floor 0 dB, keyint 2"]["keyframes"] == 2 and imfc["floor 0 dB, keyint 250"]["keyframes"] == 1
+    assert imfc["floor 0 dB, keyint 2, key step 2"]["keyframes"] == 2
+    assert imfc["floor 0 dB, keyint 250, key step 2"]["keyframes"] == 1
     # imfc's bytes are exactly those of the file `imfc encode` writes for the same frames
     model = load_weights(tiny_weights)
     s = encode_file(synthetic_video, tmp_path / "c.imfc", model, EncoderSettings(0.0, 250), max_frames=FRAMES, progress=False)
-    assert s.bytes == imfc["floor 0 dB, keyint 250"]["bytes"]
-    assert s.psnr == pytest.approx(imfc["floor 0 dB, keyint 250"]["psnr_rgb"], abs=0.01)
+    assert s.bytes == imfc["floor 0 dB, keyint 250, key step 2"]["bytes"]
+    assert s.psnr == pytest.approx(imfc["floor 0 dB, keyint 250, key step 2"]["psnr_rgb"], abs=0.01)
     x264 = sorted((p for p in points if p["codec"] == "x264"), key=lambda p: p["kbps"])
     assert x264[0]["setting"] == "crf 51" and x264[1]["psnr_rgb"] > x264[0]["psnr_rgb"]
     assert {(e["anchor"], e["metric"]) for e in data["bd_rate"]} == {("x264", m) for m in ("psnr_rgb", "ms_ssim", "vmaf")}
@@ -130,10 +131,10 @@ def test_eval_rejects_out_of_range_crf(capsys, synthetic_video, tmp_path):
 
 
 def test_imfc_points_take_an_optional_rate_cap_and_keyframe_step():
-    points = eval_tool.imfc_points("20:250,24:5:16,22:250:0:2")
-    assert points == (EncoderSettings(20.0, 250), EncoderSettings(24.0, 5, max_kbps=16.0),
-                      EncoderSettings(22.0, 250, keyframe_step=2.0))
-    assert eval_tool.points_text(points) == "20:250,24:5:16,22:250:0:2"
+    points = eval_tool.imfc_points("20:250,24:5:16,22:250:0:1,24:250:11")
+    assert points == (EncoderSettings(20.0, 250, max_kbps=0.0), EncoderSettings(24.0, 5, max_kbps=16.0),
+                      EncoderSettings(22.0, 250, max_kbps=0.0, keyframe_step=1.0), EncoderSettings())
+    assert eval_tool.points_text(points) == "20:250,24:5:16,22:250:0:1,24:250:11"
     for bad in ("20", "20:250:16:1.1", "20:250:16:2:1", "20:0", "20:250:-1", "x:5"):
         with pytest.raises(argparse.ArgumentTypeError):
             eval_tool.imfc_points(bad)

@@ -132,10 +132,11 @@ def without_step(chunk: Chunk) -> Chunk:
 def test_version_1_streams_still_decode(tiny_weights, synthetic_video, tmp_path):
     """One chunk per token frame and format version 1, as imfc wrote before token runs."""
     model = load_weights(tiny_weights)
+    settings = replace(ALWAYS_TOKENS, keyframe_step=1.0)  # the only step before version 4
     new = tmp_path / "new.imfc"
-    encode_file(synthetic_video, new, model, ALWAYS_TOKENS, progress=False)
+    encode_file(synthetic_video, new, model, settings, progress=False)
     header, _ = read_bitstream(new, model)
-    encoder = Encoder(model, ALWAYS_TOKENS)
+    encoder = Encoder(model, settings)
     chunks = [without_step(encoder.encode(x).chunk) for x in model_frames(synthetic_video, model.cfg.resolution)]
     old = tmp_path / "old.imfc"
     old.write_bytes(write_stream(replace(header, version=1), chunks))

@@ -41,13 +41,14 @@ def imfc_point(text: str) -> EncoderSettings:
     floor, keyint, *rest = text.split(":")
     if len(rest) > 2:
         raise ValueError(text)
-    cap, step = (rest + ["0", "1"][len(rest):])
+    cap, step = (rest + ["0", str(EncoderSettings().keyframe_step)][len(rest):])
     return EncoderSettings(float(floor), int(keyint), max_kbps=float(cap), keyframe_step=float(step))
 
 
 def imfc_points(text: str) -> tuple[EncoderSettings, ...]:
     """"FLOOR:KEYINT[:KBPS[:STEP]],..." -> encoder settings (quality floor in dB, forced keyframe
-    interval, optional rate cap (0: none), keyframe quantization step)."""
+    interval, rate cap (default 0: none), keyframe quantization step (default: EncoderSettings')).
+    The default settings are therefore "24:250:11"."""
     try:
         points = tuple(imfc_point(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -60,7 +61,7 @@ def imfc_points(text: str) -> tuple[EncoderSettings, ...]:
 
 def points_text(points: tuple[EncoderSettings, ...]) -> str:
     def text(p: EncoderSettings) -> str:
-        step = f":{p.keyframe_step:g}" if p.keyframe_step != 1 else ""
+        step = f":{p.keyframe_step:g}" if p.keyframe_step != EncoderSettings().keyframe_step else ""
         return f"{p.quality_floor:g}:{p.max_keyframe_interval}" + (f":{p.max_kbps:g}" if p.max_kbps or step else "") + step
     return ",".join(text(p) for p in points)
 
