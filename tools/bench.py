@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{os.cpu_count()} logical cores; torch {torch.__version__}; load average {load_before[0]:.2f} before, "
                  f"{load_after[0]:.2f} after (other work on the machine slows every row alike only roughly)."), "",
                  (f"imfc model `{model.cfg.name}` {model_id(model).hex()}, default encoder settings (quality floor "
-                 f"{settings.quality_floor:g} dB, keyframe at most every {settings.max_keyframe_interval} frames); "
+                 f"{settings.quality_floor:g} dB, keyframe cap {settings.max_kbps:g} kbps, keyframe step "
+                 f"{settings.keyframe_step:g}, keyframe at most every {settings.max_keyframe_interval} frames); "
                  f"libx264 CRF {args.x264_crf}, preset medium, tune zerolatency, bf 0, slice-threaded decode."), ""]
         lines += table(rows)
         lines.append("")
