@@ -127,5 +127,5 @@ def test_info(capsys, stream):
     capsys.readouterr()
     assert info.main([str(stream), "--chunks"]) == 0
     out = capsys.readouterr().out
-    assert "12 frames" in out and "KEYFRAME" in out and "kbps" in out
+    assert "12 frames" in out and "KEYFRAME" in out and "kbps" in out and " at step " in out
     check_error(capsys, info.main([str(stream.with_name("nope.imfc"))]), "no such file")

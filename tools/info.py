@@ -6,10 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from collections import Counter
+
 from codec.files import read_bitstream
-from entropy.bitstream import ChunkType
+from codec.keyframe_codec import KEYFRAME_STEPS
+from entropy.bitstream import KEYFRAME_STEP_SINCE, ChunkType, KeyframePayload
 from entropy.coding import bits_to_kbps
 from tools.errors import run
+
+
+def step_name(index: int) -> str:
+    return f"{KEYFRAME_STEPS[index]:g}" if index < len(KEYFRAME_STEPS) else f"index {index} (unknown)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"source {h.source_width}x{h.source_height}, crop {h.crop_size}x{h.crop_size} at ({h.crop_left}, {h.crop_top})")
         key_bytes = sum(len(c.to_bytes()) for c in key)
         frame_bytes = sum(len(c.to_bytes()) for c in frame)
-        print(f"keyframes: {len(key)}, {key_bytes} bytes" + (f" ({key_bytes / len(key):.0f} per keyframe)" if key else ""))
+        steps = Counter(KeyframePayload.from_bytes(c.payload, h.version >= KEYFRAME_STEP_SINCE).step for c in key)
+        print(f"keyframes: {len(key)}, {key_bytes} bytes" + (f" ({key_bytes / len(key):.0f} per keyframe)" if key else "")
+              + "".join(f", {n} at step {step_name(i)}" for i, n in sorted(steps.items())))
         runs = sum(c.type == ChunkType.TOKEN_RUN for c in frame)
         print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "") + f", {frame_bytes} bytes"
               + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
