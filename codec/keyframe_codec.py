@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from compressai.entropy_models import EntropyBottleneck, EntropyModel
 from compressai.layers import GDN
-from compressai.models.utils import conv, deconv
+from compressai.models.utils import conv, deconv, update_registered_buffers
 from torch import Tensor, nn
 
 from entropy.coding import CoderNotReady, rans_padding
@@ -32,6 +32,13 @@ KEYFRAME_STRIDE = 16
 # Quantization steps a keyframe may use, by index. Exact in binary, so every machine dequantizes
 # alike. Index 0 is the unit step every stream before format 4 used.
 KEYFRAME_STEPS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)
+
+
+def step_index(step: float) -> int:
+    """The index of a keyframe quantization step; ValueError for a step not in KEYFRAME_STEPS."""
+    if step not in KEYFRAME_STEPS:
+        raise ValueError(f"keyframe step {step}: choose one of {', '.join(map(str, KEYFRAME_STEPS))}")
+    return KEYFRAME_STEPS.index(step)
 
 
 @dataclass
@@ -69,9 +76,9 @@ class StepTables(EntropyModel):
         self._cdf_length = torch.cat(lengths)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("_quantized_cdf", "_offset", "_cdf_length"):  # empty until built: take the file's shape
-            if prefix + name in state_dict:
-                getattr(self, name).resize_(state_dict[prefix + name].shape)
+        if prefix + "_offset" in state_dict:  # tables have no fixed shape: take the file's
+            update_registered_buffers(self, prefix[:-1], ["_quantized_cdf", "_offset", "_cdf_length"], state_dict,
+                                      policy="resize")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def indexes(self, step_index: int, shape: torch.Size) -> Tensor:
@@ -94,16 +101,15 @@ class KeyframeCodec(nn.Module):
 
     def forward(self, x: Tensor, step: Tensor | None = None) -> KeyframeOutput:
         """x (B, 3, H, W) in [0, 1], H and W multiples of 16; ``step`` (B,) quantization steps
-        (default: the unit step of the EntropyBottleneck)."""
+        (default: the unit step)."""
         y = self.g_a(x * 2 - 1)
-        if step is None:
-            y_hat, likelihoods = self.entropy_bottleneck(y)
-        else:
-            y_hat, likelihoods = self._quantize(y, step.view(-1, 1, 1, 1).expand_as(y))
+        step = (y.new_ones(()) if step is None else step.view(-1, 1, 1, 1)).expand_as(y)
+        y_hat, likelihoods = self._quantize(y, step)
         return KeyframeOutput(self._synthesize(y_hat), likelihoods)
 
     def _quantize(self, y: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
-        """EntropyBottleneck.forward with bins of width ``step`` (same shape as y)."""
+        """EntropyBottleneck.forward with bins of width ``step`` (same shape as y); at step 1 the same
+        operations as that forward."""
         eb = self.entropy_bottleneck
         median = eb._get_medians().view(1, -1, 1, 1)
         if self.training:

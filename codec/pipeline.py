@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from codec.model import IMFCodec, Reference
-from codec.keyframe_codec import KEYFRAME_STEPS
+from codec.keyframe_codec import KEYFRAME_STEPS, step_index
 from entropy.bitstream import (
     KEYFRAME_STEP_SINCE, VERSION, BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload,
 )
@@ -52,8 +52,7 @@ class EncoderSettings:
     keyframe_step: float = 2.0  # quantization step of keyframe images, one of KEYFRAME_STEPS: coarser, fewer bits
 
     def __post_init__(self) -> None:
-        if self.keyframe_step not in KEYFRAME_STEPS:
-            raise ValueError(f"keyframe step {self.keyframe_step}: choose one of {', '.join(map(str, KEYFRAME_STEPS))}")
+        step_index(self.keyframe_step)
 
 
 class KeyframeBudget:
@@ -152,7 +151,7 @@ class Encoder:
                     return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, repeat)
                 st.u_prev_hat = u_hat
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)
-        payload, u_hat, x_hat = encode_keyframe(self.model, x, KEYFRAME_STEPS.index(s.keyframe_step))
+        payload, u_hat, x_hat = encode_keyframe(self.model, x, step_index(s.keyframe_step))
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
         return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from codec.model import IMFCodec, Reference
-from codec.keyframe_codec import KEYFRAME_STEPS
+from codec.keyframe_codec import step_index
 from codec.pipeline import KeyframeBudget, encode_keyframe, psnr, render
 from entropy import packet as pk
 
@@ -50,8 +50,7 @@ class SenderSettings:
     keyframe_step: float = 1.0  # quantization step of keyframe images, one of KEYFRAME_STEPS
 
     def __post_init__(self) -> None:
-        if self.keyframe_step not in KEYFRAME_STEPS:
-            raise ValueError(f"keyframe step {self.keyframe_step}: choose one of {', '.join(map(str, KEYFRAME_STEPS))}")
+        step_index(self.keyframe_step)
         if not 1 <= self.bank_size < pk.REF_WINDOW:
             raise ValueError(f"bank_size must be in 1..{pk.REF_WINDOW - 1}")
 
@@ -152,7 +151,7 @@ class Sender:
 
     def _keyframe(self, fid: int, x: Tensor) -> SentFrame:
         st = self.state
-        payload, u_hat, x_hat = encode_keyframe(self.model, x, KEYFRAME_STEPS.index(self.settings.keyframe_step))
+        payload, u_hat, x_hat = encode_keyframe(self.model, x, step_index(self.settings.keyframe_step))
         ref = st.next_ref
         st.next_ref += 1
         st.refs[ref] = SentReference(fid, u_hat, x_hat)
