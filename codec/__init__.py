@@ -1,1 +1,2 @@
-"""The IMF model, its building blocks, and the encode/decode pipeline."""
+"""The codec: the IMF networks (`codec.nn`), the encode/decode pipeline, files, the streaming
+sender and receiver, and video I/O."""

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from codec.model import IMFCodec
+from codec.nn.model import IMFCodec
 from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import Box, FrameWriter, VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
-from codec.weights import model_id
+from codec.nn.weights import model_id
 from entropy.bitstream import BitstreamError, Chunk, ChunkType, Header, read_stream, write_stream
 from entropy.coding import bits_to_kbps
 

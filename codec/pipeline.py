@@ -24,8 +24,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from codec.model import IMFCodec, Reference
-from codec.keyframe_codec import KEYFRAME_STEPS, step_index
+from codec.nn.model import IMFCodec, Reference
+from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
 from entropy.bitstream import (
     KEYFRAME_STEP_SINCE, VERSION, BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload,
 )

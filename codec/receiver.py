@@ -19,7 +19,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
-from codec.model import IMFCodec, Reference
+from codec.nn.model import IMFCodec, Reference
 from codec.pipeline import decode_keyframe, render
 from entropy import packet as pk
 from entropy.bitstream import BitstreamError, KeyframePayload

@@ -27,8 +27,8 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
-from codec.model import IMFCodec, Reference
-from codec.keyframe_codec import step_index
+from codec.nn.model import IMFCodec, Reference
+from codec.nn.keyframe_codec import step_index
 from codec.pipeline import KeyframeBudget, encode_keyframe, psnr, render
 from entropy import packet as pk
 

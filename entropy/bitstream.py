@@ -183,7 +183,7 @@ def resync(data: bytes, pos: int) -> int | None:
 class KeyframePayload:
     token: bytes
     image: bytes
-    step: int = 0  # index of the image's quantization step (codec.keyframe_codec.KEYFRAME_STEPS)
+    step: int = 0  # index of the image's quantization step (codec.nn.keyframe_codec.KEYFRAME_STEPS)
 
     # Before format 4 a keyframe had no step byte: its image was always coded at step 0.
     def to_bytes(self, with_step: bool = True) -> bytes:

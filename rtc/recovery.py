@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from codec.model import IMFCodec
+from codec.nn.model import IMFCodec
 from codec.sender import FrameKind, SenderSettings
 from codec.video_io import to_uint8
 from entropy import packet as pk
+from evaluation.metrics import psnr_rgb
 from rtc.impairment import LinkConfig
 from rtc.playout import Outcome
-from codec.metrics import psnr_rgb
 from rtc.simulate import SimulatedCall, simulate_call
 
 TOLERANCE_DB = 1.0  # "normal quality": within this of the clean call's PSNR ...

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from codec.metrics import ms_ssim_frames, psnr_rgb
+from evaluation.metrics import ms_ssim_frames, psnr_rgb
 from rtc.playout import Outcome, PlayedFrame
 
 

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from aiortc import RTCDataChannel
 
-from codec.model import IMFCodec
+from codec.nn.model import IMFCodec
 from codec.receiver import ReceivedFrame, Receiver
 from codec.sender import FrameKind, SentFrame, Sender, SenderSettings
 from codec.video_io import Box, FrameWriter, to_tensor, to_uint8
-from codec.weights import model_id
+from codec.nn.weights import model_id
 from rtc.impairment import LinkConfig
 from rtc.peer import (
     CONTROL, MEDIA, UDP_IP_OVERHEAD, ImpairedChannel, open_channels, peer_connection, wait_open, wire_counters,

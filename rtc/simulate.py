@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 from torch import Tensor
 
-from codec.model import IMFCodec
+from codec.nn.model import IMFCodec
 from codec.receiver import Receiver
 from codec.sender import FrameKind, Sender, SenderSettings
 from codec.video_io import to_uint8

@@ -40,9 +40,9 @@ def moving_square_clip(frames: int, size: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """An untrained tiny model with its coder tables built, saved like a shipped model."""
-    from codec.config import get_config
-    from codec.model import build_model
-    from codec.weights import save_weights
+    from codec.nn.config import get_config
+    from codec.nn.model import build_model
+    from codec.nn.weights import save_weights
 
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.interpolate import PchipInterpolator
 
-from codec.bdrate import bd_rate, frontier
+from evaluation.bdrate import bd_rate, frontier
 
 # libx265 at two preset settings, the worked example of the FAU-LMS bjontegaard package (README)
 RATE_A = [9487.76, 4593.60, 2486.44, 1358.24]

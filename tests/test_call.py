@@ -83,9 +83,9 @@ def test_keyframe_request_round_trip(tiny_weights, clip, tmp_path):
 def test_receiver_refuses_another_model(tiny_weights, clip, tmp_path):
     import torch
 
-    from codec.config import get_config
-    from codec.model import build_model
-    from codec.weights import save_weights
+    from codec.nn.config import get_config
+    from codec.nn.model import build_model
+    from codec.nn.weights import save_weights
 
     torch.manual_seed(5)
     other = tmp_path / "other.safetensors"

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codec.config import get_config
-from codec.model import build_model
+from codec.nn.config import get_config
+from codec.nn.model import build_model
 from codec.video_io import FrameWriter
-from codec.weights import save_weights
+from codec.nn.weights import save_weights
 from tools import decode, encode, info
 
 

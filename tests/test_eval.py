@@ -8,11 +8,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from codec.anchors import Anchor, round_trip
+from evaluation.anchors import Anchor, round_trip
 from codec.files import encode_file
-from codec.metrics import vmaf_available
+from evaluation.metrics import vmaf_available
 from codec.pipeline import EncoderSettings
-from codec.weights import load_weights
+from codec.nn.weights import load_weights
 from tools import bench
 from tools import eval as eval_tool
 

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from codec.layers.attention import CrossAttention, DenseKV, WindowKV, warp_shared_pixels, attend_dense
-from codec.layers.warp import resize_flow, warp
+from codec.nn.layers.attention import CrossAttention, DenseKV, WindowKV, warp_shared_pixels, attend_dense
+from codec.nn.layers.warp import resize_flow, warp
 
 
 def test_warp_by_zero_is_identity_and_by_whole_pixels_is_a_shift():
@@ -108,7 +108,7 @@ def test_pixel_flow_samples_the_reference_once():
     assert not torch.allclose(twice[..., :-1], image[..., 1:], atol=1e-2)
 
 def test_soft_keypoints_find_a_peak():
-    from codec.token_encoder import SoftKeypoints
+    from codec.nn.token_encoder import SoftKeypoints
 
     kp = SoftKeypoints(4, 2)
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_soft_keypoints_find_a_peak():
 
 
 def test_token_translation_shifts_the_fourier_plane():
-    from codec.token_decoder import AffineFourierFeatures
+    from codec.nn.token_decoder import AffineFourierFeatures
 
     plane = AffineFourierFeatures(style_dim=4, channels=16)
     w = torch.zeros(1, 4)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from codec.metrics import luma, ms_ssim_scales, psnr_rgb, psnr_y, score, structural, vmaf_available
+from evaluation.metrics import luma, ms_ssim_scales, psnr_rgb, psnr_y, score, structural, vmaf_available
 
 from .conftest import moving_square_clip
 

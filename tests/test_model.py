@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from codec.config import PRESETS, get_config
-from codec.model import build_model
-from codec.stats import model_stats
+from codec.nn.config import PRESETS, get_config
+from codec.nn.model import build_model
+from evaluation.stats import model_stats
 
 
 def frames(cfg, batch=1):

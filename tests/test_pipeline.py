@@ -20,8 +20,8 @@ from codec.video_io import (
     to_tensor,
     to_uint8,
 )
-from codec.weights import load_weights
-from codec.keyframe_codec import KEYFRAME_STEPS
+from codec.nn.weights import load_weights
+from codec.nn.keyframe_codec import KEYFRAME_STEPS
 from entropy.bitstream import BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, write_stream
 from entropy.coding import encode_symbols
 

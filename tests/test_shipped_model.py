@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from codec.config import get_config
+from codec.nn.config import get_config
 from codec.files import decode_file, encode_file
 from codec.pipeline import EncoderSettings
 from codec.video_io import read_frames
-from codec.weights import DEFAULT_WEIGHTS, load_weights, model_id
+from codec.nn.weights import DEFAULT_WEIGHTS, load_weights, model_id
 
 
 def test_default_weights_load_with_coder_tables():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from codec.receiver import Receiver
 from codec.sender import FrameKind, Sender, SenderSettings
 from codec.video_io import to_tensor
-from codec.weights import load_weights
+from codec.nn.weights import load_weights
 from entropy import packet as pk
 from rtc.impairment import Link, LinkConfig
 from rtc.playout import Outcome

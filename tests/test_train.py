@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from codec.model import build_model
-from codec.weights import load_weights, save_weights
+from codec.nn.model import build_model
+from codec.nn.weights import load_weights, save_weights
 from train.config import PRESETS, parse_config
 from train.data import ClipCache, Split, TripletSampler, camera_motion, make_split
 from train.discriminator import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from codec.pipeline import EncoderSettings
-from codec.rd_eval import load_clip
-from codec.speed import Speed, bench_imfc, bench_x264, peak_rss_mb
+from evaluation.rd_eval import load_clip
+from evaluation.speed import Speed, bench_imfc, bench_x264, peak_rss_mb
 from codec.video_io import VideoError, probe
-from codec.weights import load_weights, model_id
+from codec.nn.weights import load_weights, model_id
 from tools.errors import run
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from codec.keyframe_codec import KEYFRAME_STEPS
+from codec.nn.keyframe_codec import KEYFRAME_STEPS
 from codec.sender import FrameKind, SenderSettings
 from codec.video_io import to_tensor
-from codec.weights import load_weights
+from codec.nn.weights import load_weights
 from rtc.impairment import LinkConfig
 from rtc.recovery import measure_recovery
 from rtc.report import summarize

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from codec.files import decode_file
-from codec.weights import load_weights
+from codec.nn.weights import load_weights
 from tools.errors import run
 
 

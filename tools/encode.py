@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from codec.files import encode_file
-from codec.keyframe_codec import KEYFRAME_STEPS
+from codec.nn.keyframe_codec import KEYFRAME_STEPS
 from codec.pipeline import EncoderSettings
 from codec.video_io import Box
-from codec.weights import load_weights
+from codec.nn.weights import load_weights
 from tools.errors import run
 
 

@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from codec.video_io import VideoError
-from codec.weights import WeightsError
+from codec.nn.weights import WeightsError
 from entropy.bitstream import BitstreamError
 from entropy.coding import CoderNotReady
 

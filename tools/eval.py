@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from codec.anchors import SPECS, Anchor
-from codec.metrics import MetricError, vmaf_available
+from evaluation.anchors import SPECS, Anchor
+from evaluation.metrics import MetricError, vmaf_available
 from codec.pipeline import EncoderSettings
-from codec.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
-from codec.rd_report import side_by_side, write_report
+from evaluation.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
+from evaluation.rd_report import side_by_side, write_report
 from codec.video_io import VideoError, probe
-from codec.weights import load_weights, model_id
+from codec.nn.weights import load_weights, model_id
 from tools.errors import run
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from collections import Counter
 
 from codec.files import read_bitstream
-from codec.keyframe_codec import KEYFRAME_STEPS
+from codec.nn.keyframe_codec import KEYFRAME_STEPS
 from entropy.bitstream import KEYFRAME_STEP_SINCE, ChunkType, KeyframePayload
 from entropy.coding import bits_to_kbps
 from tools.errors import run

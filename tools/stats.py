@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codec.config import PRESETS, get_config
-from codec.model import build_model
-from codec.stats import model_stats
+from codec.nn.config import PRESETS, get_config
+from codec.nn.model import build_model
+from evaluation.stats import model_stats
 
 
 def main(argv: list[str] | None = None) -> int:

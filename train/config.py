@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "default"  # model preset (codec/config.py)
+    model: str = "default"  # model preset (codec/nn/config.py)
     data: str = "~/.cache/imfc/data/faces256"  # cache made by `imfc prepare-data`
     split: str = "train/split.json"
     out: str = "~/.cache/imfc/runs/default"

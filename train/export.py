@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from codec.config import IMFConfig, config_from_dict, get_config
-from codec.model import build_model
-from codec.weights import read_config, save_weights
+from codec.nn.config import IMFConfig, config_from_dict, get_config
+from codec.nn.model import build_model
+from codec.nn.weights import read_config, save_weights
 
 
 def checkpoint_model_config(ckpt: dict) -> IMFConfig:

@@ -32,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from codec.config import get_config
-from codec.keyframe_codec import KEYFRAME_STEPS
-from codec.model import IMFCodec, build_model
-from codec.weights import load_weights, save_weights
+from codec.nn.config import get_config
+from codec.nn.keyframe_codec import KEYFRAME_STEPS
+from codec.nn.model import IMFCodec, build_model
+from codec.nn.weights import load_weights, save_weights
 from entropy.coding import bits
 from train.config import TrainConfig
 from train.data import ClipCache, Split, TripletSampler, near_validation_triplets, validation_triplets

@@ -9,7 +9,7 @@ import torch
 from pytorch_msssim import ms_ssim
 from torch import Tensor
 
-from codec.model import RDOutput
+from codec.nn.model import RDOutput
 from entropy.coding import bits
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from codec.model import build_model
-from codec.weights import load_weights, save_weights
+from codec.nn.model import build_model
+from codec.nn.weights import load_weights, save_weights
 from train.export import checkpoint_model_config
 
 

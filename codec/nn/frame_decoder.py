@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codec.config import IMFConfig
-from codec.layers.resblock import ResBlock
+from codec.nn.config import IMFConfig
+from codec.nn.layers.resblock import ResBlock
 
 
 class FrameDecoder(nn.Module):

@@ -19,8 +19,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from codec.anchors import Anchor, round_trip
-from codec.model import IMFCodec
+from evaluation.anchors import Anchor, round_trip
+from codec.nn.model import IMFCodec
 from codec.pipeline import Decoder, Encoder, EncoderSettings
 from codec.video_io import to_tensor
 from entropy.bitstream import ChunkType

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from codec.config import IMFConfig
-from codec.layers.resblock import Pyramid
+from codec.nn.config import IMFConfig
+from codec.nn.layers.resblock import Pyramid
 
 
 class FeatureEncoder(nn.Module):

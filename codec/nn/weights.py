@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from codec.config import IMFConfig, config_from_dict
-from codec.model import IMFCodec, build_model
+from codec.nn.config import IMFConfig, config_from_dict
+from codec.nn.model import IMFCodec, build_model
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).parents[1] / "weights" / "default.safetensors"  # package data of codec/
 
 
 class WeightsError(Exception):

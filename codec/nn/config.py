@@ -31,7 +31,7 @@ class IMFConfig:
     keyframe_channels: tuple[int, int] = (64, 96)  # (N, M) of the keyframe transform codec
     max_references: int = 2  # reference bank size
     pixel_warp: str = "blend"  # finest scale's reference pixels: "blend" 4x4 blocks by attention, or "flow":
-    # warp them by the attention's mean offset (sharper; see codec/layers/attention.py)
+    # warp them by the attention's mean offset (sharper; see codec/nn/layers/attention.py)
 
     def __post_init__(self) -> None:
         if self.pixel_warp not in ("blend", "flow"):

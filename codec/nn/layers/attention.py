@@ -20,7 +20,7 @@ from einops import rearrange
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from codec.layers.warp import resize_flow, warp
+from codec.nn.layers.warp import resize_flow, warp
 
 
 def sinusoidal_positions(height: int, width: int, num_freqs: int, device: torch.device) -> Tensor:

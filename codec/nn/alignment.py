@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codec.config import STRIDES, IMFConfig
-from codec.layers.attention import CrossAttention, KeyValue, TransformerBlock
-from codec.layers.warp import resize_flow
+from codec.nn.config import STRIDES, IMFConfig
+from codec.nn.layers.attention import CrossAttention, KeyValue, TransformerBlock
+from codec.nn.layers.warp import resize_flow
 
 
 class ImplicitMotionAlignment(nn.Module):

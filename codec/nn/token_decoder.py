@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from codec.config import STRIDES, IMFConfig
-from codec.layers.modulated_conv import ModulatedConv2d
-from codec.layers.warp import pixel_centres
+from codec.nn.config import STRIDES, IMFConfig
+from codec.nn.layers.modulated_conv import ModulatedConv2d
+from codec.nn.layers.warp import pixel_centres
 
 CONST_SIZE = 4
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from codec.config import STRIDES, IMFConfig
-from codec.layers.resblock import Pyramid
-from codec.layers.warp import pixel_centres
+from codec.nn.config import STRIDES, IMFConfig
+from codec.nn.layers.resblock import Pyramid
+from codec.nn.layers.warp import pixel_centres
 
 KEYPOINTS = 8
 KEYPOINT_SCALE = STRIDES.index(8)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from codec.bdrate import BDRate, bd_rate
-from codec.metrics import HIGHER_IS_BETTER, METRICS
-from codec.rd_eval import IMFC, CodedPoint, RDPoint
+from evaluation.bdrate import BDRate, bd_rate
+from evaluation.metrics import HIGHER_IS_BETTER, METRICS
+from evaluation.rd_eval import IMFC, CodedPoint, RDPoint
 
 BD_METRICS = ("psnr_rgb", "ms_ssim", "vmaf")
 LABELS = {"psnr_rgb": "PSNR RGB (dB)", "psnr_y": "PSNR Y (dB)", "ssim": "SSIM (RGB)", "ms_ssim": "MS-SSIM (RGB)",

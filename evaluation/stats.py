@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from codec.model import IMFCodec
+from codec.nn.model import IMFCodec
 
 
 @dataclass

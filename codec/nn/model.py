@@ -26,14 +26,14 @@ from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
 from torch import Tensor, nn
 
-from codec.alignment import ImplicitMotionAlignment
-from codec.config import IMFConfig
-from codec.feature_encoder import FeatureEncoder
-from codec.frame_decoder import FrameDecoder
-from codec.keyframe_codec import KeyframeCodec
-from codec.layers.attention import KeyValue, bank as kv_bank
-from codec.token_decoder import TokenDecoder
-from codec.token_encoder import TokenEncoder
+from codec.nn.alignment import ImplicitMotionAlignment
+from codec.nn.config import IMFConfig
+from codec.nn.feature_encoder import FeatureEncoder
+from codec.nn.frame_decoder import FrameDecoder
+from codec.nn.keyframe_codec import KeyframeCodec
+from codec.nn.layers.attention import KeyValue, bank as kv_bank
+from codec.nn.token_decoder import TokenDecoder
+from codec.nn.token_encoder import TokenEncoder
 from entropy.coding import decode_symbols, encode_symbols, quantize_noise
 
 

@@ -6,7 +6,7 @@ crop that ``imfc encode`` takes (``codec.files``), resized to the model's resolu
 own frame rate. imfc's bytes are the whole ``.imfc`` file it would write (header, chunk framing,
 keyframes and tokens); its decoded frames are the encoder's closed-loop reconstructions, which a
 decoder reproduces bit-exactly (``tests/test_pipeline.py``). Anchor bytes are the whole
-elementary stream (``codec.anchors``).
+elementary stream (``evaluation.anchors``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from codec.anchors import Anchor, round_trip
-from codec.metrics import FrameScores, score
-from codec.model import IMFCodec
+from evaluation.anchors import Anchor, round_trip
+from evaluation.metrics import FrameScores, score
+from codec.nn.model import IMFCodec
 from codec.pipeline import Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
-from codec.weights import model_id
+from codec.nn.weights import model_id
 from entropy.bitstream import ChunkType, Header, write_stream
 from entropy.coding import bits_to_kbps
 
