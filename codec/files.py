@@ -12,15 +12,17 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+from torch import Tensor
 from tqdm import tqdm
 
 from codec.nn.model import IMFCodec
 from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import Box, FrameWriter, VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
-from entropy.bitstream import BitstreamError, Chunk, ChunkType, Header, read_stream, write_stream
+from entropy.bitstream import DEFAULT_MAX_FRAMES, MAX_FRAMES, BitstreamError, Chunk, ChunkType, Header, read_file, write_stream
 from entropy.coding import bits_to_kbps
 
 
@@ -49,6 +51,17 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     r = model.cfg.resolution
     _check_writable(dst)
     fps = info.fps if info.fps > 0 else Fraction(25)
+
+    def header(frames: int) -> Header:
+        return Header(
+            preset=model.cfg.name, model_id=model_id(model), width=r, height=r, fps_num=fps.numerator,
+            fps_den=fps.denominator, frames=frames, bank_size=settings.bank_size, source_width=info.width,
+            source_height=info.height, crop_left=max(box.left, 0), crop_top=max(box.top, 0), crop_size=box.size)
+
+    try:  # what no decoder would accept is refused before encoding, not after
+        header(1).check()
+    except BitstreamError as e:
+        raise VideoError(f"{src}: cannot be coded: {e}") from None
     encoder = Encoder(model, settings, float(fps))
     chunks: list[Chunk] = []
     quality = []
@@ -62,11 +75,9 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     if not chunks:
         raise VideoError(f"{src}: contains no frames")
     seconds = time.perf_counter() - start
-    header = Header(
-        preset=model.cfg.name, model_id=model_id(model), width=r, height=r, fps_num=fps.numerator,
-        fps_den=fps.denominator, frames=len(quality), bank_size=settings.bank_size, source_width=info.width,
-        source_height=info.height, crop_left=max(box.left, 0), crop_top=max(box.top, 0), crop_size=box.size)
-    data = write_stream(header, pack_token_runs(model, chunks))
+    if len(quality) > MAX_FRAMES:
+        raise VideoError(f"{src}: {len(quality)} frames, more than a stream holds ({MAX_FRAMES}): use --frames")
+    data = write_stream(header(len(quality)), pack_token_runs(model, chunks))
     _write_atomic(dst, data)
     return EncodeSummary(
         frames=len(quality),
@@ -78,23 +89,40 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     )
 
 
-def read_bitstream(path: Path, model: IMFCodec | None = None) -> tuple[Header, list[Chunk]]:
-    path = Path(path)
-    if not path.exists():
-        raise BitstreamError(f"{path}: no such file")
-    if path.is_dir():
-        raise BitstreamError(f"{path}: is a directory")
-    header, chunks = read_stream(path.read_bytes())
-    if model is not None and (header.model_id != model_id(model) or header.preset != model.cfg.name):
-        raise BitstreamError(
-            f"{path}: made by another model (preset {header.preset!r}, id {header.model_id.hex()}); this model is "
-            f"{model.cfg.name!r}, id {model_id(model).hex()}: decode with the weights that encoded it (--weights)")
+def read_bitstream(path: Path, model: IMFCodec | None = None,
+                   max_frames: int = MAX_FRAMES) -> tuple[Header, list[Chunk]]:
+    """Parse and check a whole .imfc file (entropy.bitstream.read_file); with ``model``, also that
+    the stream was made by it, at its resolution."""
+    header, chunks = read_file(path, max_frames)
+    if model is not None:
+        check_model(Path(path), header, model)
     return header, chunks
 
 
-def decode_file(src: Path, dst: Path, model: IMFCodec, upscale: bool = False, progress: bool = True) -> DecodeSummary:
-    header, chunks = read_bitstream(src, model)
-    fps = Fraction(header.fps_num, max(header.fps_den, 1))
+def check_model(path: Path, header: Header, model: IMFCodec) -> None:
+    if header.model_id != model_id(model) or header.preset != model.cfg.name:
+        raise BitstreamError(
+            f"{path}: made by another model (preset {header.preset!r}, id {header.model_id.hex()}); this model is "
+            f"{model.cfg.name!r}, id {model_id(model).hex()}: decode with the weights that encoded it (--weights)")
+    r = model.cfg.resolution
+    if (header.width, header.height) != (r, r):
+        raise BitstreamError(f"{path}: header: coded size {header.width}x{header.height}, but model "
+                             f"{model.cfg.name!r} codes {r}x{r}")
+
+
+def decode_file(src: Path, dst: Path, model: IMFCodec, upscale: bool = False, progress: bool = True,
+                max_frames: int = DEFAULT_MAX_FRAMES) -> DecodeSummary:
+    return decode_stream(src, read_bitstream(src, model, max_frames), dst, model, upscale, progress)
+
+
+def decode_stream(src: Path, stream: tuple[Header, list[Chunk]], dst: Path, model: IMFCodec,
+                  upscale: bool = False, progress: bool = True) -> DecodeSummary:
+    """A stream read by read_bitstream (from ``src``, named in errors) -> a video file. Frames go to
+    the writer as they are decoded; a payload that cannot be decoded is an error naming its chunk
+    and byte, and removes the partial output."""
+    header, chunks = stream
+    check_model(Path(src), header, model)
+    fps = Fraction(header.fps_num, header.fps_den)
     decoder = Decoder(model, (header.height, header.width), header.bank_size, header.version)
     size = header.crop_size if upscale else header.width
     writer = FrameWriter(dst, fps)
@@ -102,8 +130,8 @@ def decode_file(src: Path, dst: Path, model: IMFCodec, upscale: bool = False, pr
     try:
         with tqdm(total=header.frames, desc="decode", unit="frame", disable=None if progress else True,
                   leave=False) as bar:
-            for chunk in chunks:
-                for x_hat in decoder.decode_frames(chunk):
+            for i, chunk in enumerate(chunks):
+                for x_hat in decoded_frames(decoder, chunk, f"{src}: chunk {i}{chunk.where}"):
                     frame = to_uint8(x_hat)
                     if size != header.width:
                         frame = crop_resize(frame, Box(0, 0, header.width), size)
@@ -114,6 +142,18 @@ def decode_file(src: Path, dst: Path, model: IMFCodec, upscale: bool = False, pr
         writer.abort()
         raise
     return DecodeSummary(header.frames, size, size, header.frames / (time.perf_counter() - start))
+
+
+def decoded_frames(decoder: Decoder, chunk: Chunk, where: str) -> Iterator[Tensor]:
+    """decoder.decode_frames, with any failure to decode the chunk's payload reported as one
+    BitstreamError that says ``where``. The stream was checked before (read_stream), so what fails
+    here is a payload that is well-formed and lies: the model's own errors on it count too."""
+    try:
+        yield from decoder.decode_frames(chunk)
+    except BitstreamError as e:
+        raise BitstreamError(f"{where}: {e}") from None
+    except (RuntimeError, ValueError, IndexError, OverflowError) as e:
+        raise BitstreamError(f"{where}: undecodable payload ({e.__class__.__name__})") from None
 
 
 def _check_writable(dst: Path) -> None:

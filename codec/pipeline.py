@@ -27,7 +27,8 @@ from torch import Tensor
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, VERSION, BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload,
+    KEYFRAME_STEP_SINCE, MAX_BANK, MAX_RUN_FRAMES, VERSION, BitstreamError, Chunk, ChunkType, KeyframePayload,
+    RepeatPayload, TokenRunPayload,
 )
 
 
@@ -53,6 +54,10 @@ class EncoderSettings:
 
     def __post_init__(self) -> None:
         step_index(self.keyframe_step)
+        if not 1 <= self.bank_size <= MAX_BANK:
+            raise ValueError(f"bank size must be 1 to {MAX_BANK}, not {self.bank_size}")
+        if self.max_keyframe_interval < 1:
+            raise ValueError(f"max keyframe interval must be at least 1, not {self.max_keyframe_interval}")
 
 
 class KeyframeBudget:
@@ -159,7 +164,8 @@ class Encoder:
 def pack_token_runs(model: IMFCodec, chunks: list[Chunk]) -> list[Chunk]:
     """Each run of FRAME chunks -> one TOKEN_RUN chunk with the same token deltas, so the run pays
     the rANS flush and the chunk framing once (a token frame's ~2 bytes of information came with
-    ~12 bytes of both); each run of REPEAT chunks -> one REPEAT of all their frames."""
+    ~12 bytes of both); each run of REPEAT chunks -> one REPEAT of all their frames. Runs longer
+    than MAX_RUN_FRAMES (only with a keyframe interval above it) continue in a new chunk."""
     out: list[Chunk] = []
     run: list[Tensor] = []
 
@@ -172,9 +178,12 @@ def pack_token_runs(model: IMFCodec, chunks: list[Chunk]) -> list[Chunk]:
     for chunk in chunks:
         if chunk.type == ChunkType.FRAME:
             run.append(model.decompress_deltas(chunk.payload, 1))  # the exact quantized delta
+            if len(run) == MAX_RUN_FRAMES:
+                flush()
             continue
         flush()
-        if chunk.type == ChunkType.REPEAT and out and out[-1].type == ChunkType.REPEAT:
+        if (chunk.type == ChunkType.REPEAT and out and out[-1].type == ChunkType.REPEAT
+                and out[-1].frames + chunk.frames <= MAX_RUN_FRAMES):
             frames = out[-1].frames + chunk.frames
             out[-1] = Chunk(ChunkType.REPEAT, RepeatPayload(frames).to_bytes())
         else:
@@ -192,7 +201,13 @@ def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tens
 
 class Decoder:
     def __init__(self, model: IMFCodec, resolution: tuple[int, int], bank_size: int, version: int = VERSION):
-        """``version``: the stream's format version (its header's)."""
+        """``version``: the stream's format version (its header's). Raises BitstreamError where the
+        header's resolution is not the model's or its bank size is out of range."""
+        r = model.cfg.resolution
+        if tuple(resolution) != (r, r):
+            raise BitstreamError(f"coded size {resolution[1]}x{resolution[0]}, but the model codes {r}x{r}")
+        if not 1 <= bank_size <= MAX_BANK:
+            raise BitstreamError(f"bank size {bank_size} (1 to {MAX_BANK})")
         self.model = model.eval()
         self.keyframe_steps = version >= KEYFRAME_STEP_SINCE
         self.resolution = resolution

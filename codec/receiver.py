@@ -26,6 +26,7 @@ from entropy.bitstream import BitstreamError, KeyframePayload
 
 HISTORY = 256  # frames of decoded tokens kept (the sender reaches back at most 255)
 MAX_PARTIAL = 4  # keyframes being reassembled at once
+SEQ_WINDOW = 4096  # sequence numbers remembered for duplicates; older packets are dropped (bounds the set)
 
 
 class Shown(IntEnum):
@@ -101,13 +102,13 @@ class Receiver:
             return []
         st = self.state
         seq = pk.unwrap(p.seq, 16, max(self.stats.highest_seq, 0))
-        if seq in st.seqs:
-            self.stats.duplicates += 1
+        if seq in st.seqs or seq <= self.stats.highest_seq - SEQ_WINDOW:
+            self.stats.duplicates += 1  # or too old to tell: either way nothing to use
             return []
         st.seqs.add(seq)
         if seq > self.stats.highest_seq:
             self.stats.highest_seq = seq
-            st.seqs = {s for s in st.seqs if s > seq - 4096}
+            st.seqs = {s for s in st.seqs if s > seq - SEQ_WINDOW}
         frame = pk.unwrap(p.frame, 16, max(st.newest_frame, 0))
         st.newest_frame = max(st.newest_frame, frame)
         self._give_up_keyframes(frame)
@@ -164,7 +165,7 @@ class Receiver:
         try:
             payload = KeyframePayload.from_bytes(b"".join(part.pieces[i] for i in range(part.count)))
             u_hat, x_hat = decode_keyframe(self.model, payload, self.resolution)
-        except (BitstreamError, ValueError, RuntimeError):
+        except (BitstreamError, ValueError, RuntimeError, IndexError, OverflowError):
             self.stats.damaged += 1
             return []
         if not torch.isfinite(u_hat).all():
@@ -202,7 +203,7 @@ class Receiver:
             return []
         try:
             u_hat = self.model.decompress_token(p.data, base)
-        except (ValueError, RuntimeError):
+        except (ValueError, RuntimeError, IndexError, OverflowError):
             self.stats.damaged += 1
             return []
         if not torch.isfinite(u_hat).all() or u_hat.abs().max() > 1e6:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
+from fractions import Fraction
+from pathlib import Path
 from typing import Iterator
 
 MAGIC = b"IMFC"
@@ -22,6 +24,17 @@ VERSION = 4  # 2 added token runs, 3 repeats, 4 keyframe quantization steps; old
 KEYFRAME_STEP_SINCE = 4
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
+
+# Limits on what a stream may claim, checked before anything is allocated for it (docs/bitstream.md).
+# Each is far above what imfc writes and low enough that obeying the claim costs bounded memory.
+MAX_FRAMES = 1 << 24  # header frame count: 7.8 days at 25 fps
+DEFAULT_MAX_FRAMES = 30_000  # what `imfc decode` accepts unless told more (--max-frames): 20 min at 25 fps
+MAX_RUN_FRAMES = 4096  # frames in one token run or repeat chunk (the encoder splits longer runs): a
+# run is entropy-decoded at once, 4096 x 32 token symbols, about 2 MB with the rANS guard padding
+MAX_SIDE = 4096  # coded frame size, and the source crop that `decode --upscale` restores
+MAX_BANK = 8  # references a decoder keeps (a call names at most REF_WINDOW = 8)
+MIN_FPS, MAX_FPS = Fraction(1, 100), Fraction(1000)
+MAX_STREAM_BYTES = 1 << 30  # a whole .imfc file is read into memory: 1 GiB is 9 days at 10 kbps
 
 
 class BitstreamError(Exception):
@@ -58,7 +71,33 @@ class Header:
     crop_size: int
     version: int = VERSION
 
+    def check(self) -> None:
+        """Raise BitstreamError naming the first field whose value no stream of imfc's can hold."""
+        def bad(what: str, value: object, limit: str) -> BitstreamError:
+            return BitstreamError(f"header: {what} {value} is implausible ({limit})")
+
+        if not 1 <= self.frames <= MAX_FRAMES:
+            raise bad("frame count", self.frames, f"1 to {MAX_FRAMES}")
+        if not (1 <= self.width <= MAX_SIDE and self.height == self.width):
+            raise bad("coded size", f"{self.width}x{self.height}", f"a square of 1 to {MAX_SIDE}")
+        if self.fps_den == 0 or not MIN_FPS <= Fraction(self.fps_num, self.fps_den) <= MAX_FPS:
+            raise bad("frame rate", f"{self.fps_num}/{self.fps_den}", f"{float(MIN_FPS)} to {MAX_FPS} fps")
+        if not 1 <= self.bank_size <= MAX_BANK:
+            raise bad("bank size", self.bank_size, f"1 to {MAX_BANK}")
+        if not (self.source_width >= 1 and self.source_height >= 1):
+            raise bad("source size", f"{self.source_width}x{self.source_height}", "at least 1x1")
+        if not 1 <= self.crop_size <= MAX_SIDE:
+            raise bad("crop size", self.crop_size, f"1 to {MAX_SIDE}")
+        if self.crop_left >= self.source_width or self.crop_top >= self.source_height:
+            raise bad("crop origin", f"({self.crop_left}, {self.crop_top})",
+                      f"inside the {self.source_width}x{self.source_height} source")
+
     def to_bytes(self) -> bytes:
+        self.check()
+        return self.pack()
+
+    def pack(self) -> bytes:
+        """The header's bytes without check(): for tests and fuzzers that build hostile streams."""
         name = self.preset.encode("ascii")
         if len(name) > MAX_PRESET_NAME or len(self.model_id) != 8:
             raise ValueError("preset name too long or model id not 8 bytes")
@@ -93,7 +132,9 @@ class Header:
         except UnicodeDecodeError:
             raise BitstreamError("malformed header (preset name)") from None
         values = _HEADER_FIELDS.unpack_from(data, 8 + n)
-        return Header(preset, *values, version=version), end + 4
+        header = Header(preset, *values, version=version)
+        header.check()
+        return header, end + 4
 
 
 def _varint(n: int) -> bytes:
@@ -107,7 +148,8 @@ def _varint(n: int) -> bytes:
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """-> (value, position after it); at most 4 bytes (values below 2^28)."""
+    """-> (value, position after it); at most 4 bytes (values below 2^28), in their shortest form,
+    so every value has one encoding."""
     value = 0
     for i in range(4):
         if pos + i >= len(data):
@@ -115,6 +157,8 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         byte = data[pos + i]
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
+            if i and not byte:
+                raise BitstreamError("malformed varint (not in its shortest form)")
             return value, pos + i + 1
     raise BitstreamError("malformed length")
 
@@ -123,6 +167,11 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 class Chunk:
     type: ChunkType
     payload: bytes
+    offset: int | None = field(default=None, compare=False, repr=False)  # byte where it began in the stream read
+
+    @property
+    def where(self) -> str:
+        return "" if self.offset is None else f" at byte {self.offset}"
 
     @property
     def frames(self) -> int:
@@ -152,7 +201,7 @@ def read_chunk(data: bytes, pos: int) -> tuple[Chunk, int]:
     (crc,) = struct.unpack_from("<I", data, end)
     if crc != zlib.crc32(data[pos:end]):
         raise BitstreamError("corrupted (CRC mismatch)")
-    return Chunk(ChunkType(kind), bytes(data[start:end])), end + 4
+    return Chunk(ChunkType(kind), bytes(data[start:end]), pos), end + 4
 
 
 def iter_chunks(data: bytes, pos: int) -> Iterator[Chunk]:
@@ -213,6 +262,8 @@ class TokenRunPayload:
         n, pos = _read_varint(payload, 0)
         if n == 0:
             raise BitstreamError("malformed token run (no frames)")
+        if n > MAX_RUN_FRAMES:
+            raise BitstreamError(f"token run of {n} frames (at most {MAX_RUN_FRAMES})")
         return TokenRunPayload(n, payload[pos:])
 
 
@@ -228,6 +279,8 @@ class RepeatPayload:
         n, pos = _read_varint(payload, 0)
         if n == 0 or pos != len(payload):
             raise BitstreamError("malformed repeat")
+        if n > MAX_RUN_FRAMES:
+            raise BitstreamError(f"repeat of {n} frames (at most {MAX_RUN_FRAMES})")
         return RepeatPayload(n)
 
 
@@ -236,16 +289,45 @@ def write_stream(header: Header, chunks: list[Chunk]) -> bytes:
 
 
 def read_stream(data: bytes) -> tuple[Header, list[Chunk]]:
-    """Parse a whole stream, checking every CRC and that the frame count matches the header."""
+    """Parse a whole stream, checking every CRC, every run length and keyframe payload, and that the
+    chunks hold exactly the header's frame count. Errors name the chunk and its byte."""
     header, pos = Header.from_bytes(data)
-    chunks = list(iter_chunks(data, pos))
-    for c in chunks:
-        if header.version < SINCE_VERSION.get(c.type, 1):
-            raise BitstreamError(f"a {c.type.name.lower().replace('_', ' ')} in a version {header.version} stream")
-    frames = sum(c.frames for c in chunks)
-    if frames != header.frames:
-        problem = "truncated" if frames < header.frames else "malformed"
-        raise BitstreamError(f"{problem}: header announces {header.frames} frames, stream holds {frames}")
-    if chunks and chunks[0].type != ChunkType.KEYFRAME:
-        raise BitstreamError("chunk 0: a stream must start with a keyframe")
+    chunks, frames = [], 0
+    for i, c in enumerate(iter_chunks(data, pos)):
+        try:
+            if header.version < SINCE_VERSION.get(c.type, 1):
+                raise BitstreamError(f"a {c.type.name.lower().replace('_', ' ')} in a version {header.version} stream")
+            if i == 0 and c.type != ChunkType.KEYFRAME:
+                raise BitstreamError("a stream must start with a keyframe")
+            if c.type == ChunkType.KEYFRAME:
+                KeyframePayload.from_bytes(c.payload, header.version >= KEYFRAME_STEP_SINCE)
+            frames += c.frames
+        except BitstreamError as e:
+            raise BitstreamError(f"chunk {i}{c.where}: {e}") from None
+        if frames > header.frames:  # stop at once: the rest cannot be right either
+            raise BitstreamError(f"malformed: header announces {header.frames} frames, chunk {i}{c.where} "
+                                 f"brings the stream to {frames}")
+        chunks.append(c)
+    if frames < header.frames:
+        raise BitstreamError(f"truncated: header announces {header.frames} frames, stream holds {frames}")
+    return header, chunks
+
+
+def read_file(path: Path, max_frames: int = MAX_FRAMES) -> tuple[Header, list[Chunk]]:
+    """An .imfc file -> read_stream's (header, chunks), refusing files over MAX_STREAM_BYTES and
+    streams of more than ``max_frames`` frames before anything is decoded."""
+    path = Path(path)
+    if not path.exists():
+        raise BitstreamError(f"{path}: no such file")
+    if path.is_dir():
+        raise BitstreamError(f"{path}: is a directory")
+    if path.stat().st_size > MAX_STREAM_BYTES:
+        raise BitstreamError(f"{path}: {path.stat().st_size} bytes, more than an .imfc file can hold ({MAX_STREAM_BYTES})")
+    try:
+        header, chunks = read_stream(path.read_bytes())
+    except BitstreamError as e:
+        raise BitstreamError(f"{path}: {e}") from None
+    if header.frames > max_frames:
+        raise BitstreamError(f"{path}: holds {header.frames} frames, more than the limit of {max_frames}; "
+                             f"pass --max-frames {header.frames} to decode it")
     return header, chunks

@@ -37,6 +37,7 @@ from codec.receiver import ReceivedFrame, Receiver
 from codec.sender import FrameKind, SentFrame, Sender, SenderSettings
 from codec.video_io import Box, FrameWriter, to_tensor, to_uint8
 from codec.nn.weights import model_id
+from entropy.bitstream import MAX_FPS, MAX_SIDE, MIN_FPS
 from rtc.impairment import LinkConfig
 from rtc.peer import (
     CONTROL, MEDIA, UDP_IP_OVERHEAD, ImpairedChannel, open_channels, peer_connection, wait_open, wire_counters,
@@ -47,6 +48,7 @@ from rtc.signalling import SignallingError, answer_one, offer_to
 from rtc.source import Source, open_source
 
 STRAGGLERS = 0.3  # seconds the receiver keeps listening after the sender says bye
+CLOCK_SLACK = 10.0  # seconds a sender's frame ids may run ahead of the receiver's clock since the hello
 REPORT_GRACE = 10.0  # seconds the receiver waits for the sender to hang up after the report
 
 
@@ -88,7 +90,7 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
     media.on("message", lambda m: feedback.append(m) if isinstance(m, bytes) else None)
 
     def on_control(message: str) -> None:
-        msg = json.loads(message)
+        msg = _control(message)
         if "report" in msg and not report.done():
             report.set_result(msg["report"])
         elif "error" in msg and not report.done():
@@ -241,7 +243,7 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
         if channel.label == MEDIA:
             channel.on("message", lambda m: datagrams.put_nowait(m) if isinstance(m, bytes) else None)
         elif channel.label == CONTROL:
-            channel.on("message", lambda m: control_msgs.put_nowait(json.loads(m)))
+            channel.on("message", lambda m: control_msgs.put_nowait(_control(m)))
         if {MEDIA, CONTROL} <= channels.keys():
             both.set()
 
@@ -263,19 +265,21 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
         await answer_one(call.host, call.port, answer, call.timeout, listening)
         await asyncio.wait_for(both.wait(), call.timeout)
         hello = _hello(await asyncio.wait_for(control_msgs.get(), call.timeout))
-        if (hello.preset, hello.model_id) != (model.cfg.name, model_id(model).hex()):
-            msg = (f"the sender's model (preset {hello.preset!r}, id {hello.model_id}) is not ours "
-                   f"({model.cfg.name!r}, id {model_id(model).hex()}): use the same --weights")
+        msg = _hello_problem(hello, model)
+        if msg:
             channels[CONTROL].send(json.dumps({"error": msg}))
             raise CallError(msg)
         session = _ReceiveSession(model, hello, out_path, ImpairedChannel(channels[MEDIA], call.link))
         bye = await session.run(datagrams, control_msgs, call.timeout)
         source = await loop.run_in_executor(None, compare, hello) if compare is not None else []
+        captured = bye.get("captured", [])
+        if not (isinstance(captured, list) and all(isinstance(t, (int, float)) for t in captured)):
+            captured = []
         report = summarize(
-            session.played, source, float(hello.fps), bye.get("captured", []), not_sent=bye.get("not_sent", 0),
-            keyframes_sent=bye.get("keyframes_sent", 0), keyframe_requests=session.receiver.stats.keyframe_requests,
-            packets_sent=bye.get("packets_sent", 0), packets_lost=bye.get("packets_dropped", 0),
-            media_bytes=bye.get("media_bytes", 0), feedback_bytes=session.feedback.bytes)
+            session.played, source, float(hello.fps), captured, not_sent=_count(bye, "not_sent"),
+            keyframes_sent=_count(bye, "keyframes_sent"), keyframe_requests=session.receiver.stats.keyframe_requests,
+            packets_sent=_count(bye, "packets_sent"), packets_lost=_count(bye, "packets_dropped"),
+            media_bytes=_count(bye, "media_bytes"), feedback_bytes=session.feedback.bytes)
         channels[CONTROL].send(json.dumps({"report": asdict(report)}))
         # the sender hangs up once it has the report; closing first could lose it
         with contextlib.suppress(asyncio.TimeoutError):
@@ -289,12 +293,43 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
         await pc.close()
 
 
+def _control(message: str | bytes) -> dict:
+    """A control-channel message -> its JSON object; anything else reads as an empty one (ignored)."""
+    try:
+        msg = json.loads(message)
+    except (ValueError, TypeError):
+        return {}
+    return msg if isinstance(msg, dict) else {}
+
+
+def _count(msg: dict, key: str, default: int = 0) -> int:
+    """A non-negative integer the peer reports, or ``default`` where it sent something else."""
+    v = msg.get(key, default)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+
 def _hello(msg: dict) -> Hello:
     try:
         h = msg["hello"]
-        return Hello(h["preset"], h["model_id"], int(h["resolution"]), Fraction(*h["fps"]), Box(*h["crop"]))
-    except (KeyError, TypeError, ValueError):
+        crop = Box(*(int(v) for v in h["crop"]))
+        return Hello(str(h["preset"]), str(h["model_id"]), int(h["resolution"]), Fraction(*h["fps"]), crop)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
         raise CallError("the sender did not introduce itself (not an imfc call?)") from None
+
+
+def _hello_problem(hello: Hello, model: IMFCodec) -> str | None:
+    """Why the receiver cannot take this call, or None. Everything the receiver allocates follows
+    the hello, so each claim is checked against our model and the bitstream's limits."""
+    if (hello.preset, hello.model_id) != (model.cfg.name, model_id(model).hex()):
+        return (f"the sender's model (preset {hello.preset!r}, id {hello.model_id}) is not ours "
+                f"({model.cfg.name!r}, id {model_id(model).hex()}): use the same --weights")
+    if hello.resolution != model.cfg.resolution:
+        return f"the sender codes {hello.resolution}x{hello.resolution}, our model {model.cfg.resolution}x{model.cfg.resolution}"
+    if not MIN_FPS <= hello.fps <= MAX_FPS:
+        return f"the sender's frame rate {float(hello.fps):g} is implausible ({float(MIN_FPS)} to {MAX_FPS} fps)"
+    if not 1 <= hello.crop.size <= MAX_SIDE:
+        return f"the sender's crop size {hello.crop.size} is implausible (1 to {MAX_SIDE})"
+    return None
 
 
 class _ReceiveSession:
@@ -306,6 +341,13 @@ class _ReceiveSession:
         self.writer = FrameWriter(out_path, hello.fps)
         self.feedback = feedback
         self.played: list[PlayedFrame] = []
+        self.fps = hello.fps
+        self.started = time.time()
+
+    def plausible_frames(self) -> int:
+        """Frames the sender can have captured by now (with CLOCK_SLACK): a packet or bye that
+        claims a later frame is not played, so no claim makes the receiver write without end."""
+        return int((time.time() - self.started + CLOCK_SLACK) * self.fps)
 
     async def run(self, datagrams: asyncio.Queue, control: asyncio.Queue, idle: float) -> dict:
         """Receive until the sender's bye, the connection dies, or ``idle`` seconds without a
@@ -319,6 +361,7 @@ class _ReceiveSession:
                 while True:
                     if bye is None and not control.empty():
                         bye = (await control.get()).get("bye", {})
+                        bye = bye if isinstance(bye, dict) else {}
                         bye_at = time.time()
                     if datagrams.empty():
                         if bye is not None and time.time() > bye_at + STRAGGLERS:
@@ -332,12 +375,13 @@ class _ReceiveSession:
                     batch = [datagrams.get_nowait() for _ in range(datagrams.qsize())]
                     frames, fb = await loop.run_in_executor(pool, self._receive, batch)
                     self.feedback.send(fb)
+                    frames = [f for f in frames if f.frame < self.plausible_frames()]
                     if frames:  # only the newest is worth the synthesis; the others are held
                         newest = frames[-1]
                         image = await loop.run_in_executor(pool, self._render, newest)
                         played = self.playout.show(newest.frame, OUTCOME[newest.kind], image, time.time())
                         await loop.run_in_executor(pool, self._play, played)  # video encoding: off the loop
-                self._play(self.playout.finish(int(bye.get("frames", self.playout.next))))
+                self._play(self.playout.finish(min(_count(bye, "frames", self.playout.next), self.plausible_frames())))
                 self.writer.close()
             except BaseException:
                 self.writer.abort()

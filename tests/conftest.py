@@ -3,6 +3,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# Every run of the suite draws the same examples: hypothesis derives them from each test's name
+# (derandomize) instead of a fresh seed, keeps no example database between runs, and has no
+# per-example deadline (a slow machine must not fail a test). No test depends on chance or timing.
+settings.register_profile("deterministic", derandomize=True, database=None, deadline=None)
+settings.load_profile("deterministic")
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 

@@ -5,21 +5,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from entropy import bitstream
 from entropy.bitstream import (
-    VERSION, BitstreamError, Chunk, ChunkType, Header, KeyframePayload, RepeatPayload, TokenRunPayload, iter_chunks,
-    read_stream, resync, write_stream,
+    MAX_BANK, MAX_FRAMES, MAX_RUN_FRAMES, MAX_SIDE, VERSION, BitstreamError, Chunk, ChunkType, Header, KeyframePayload,
+    RepeatPayload, TokenRunPayload, iter_chunks, read_file, read_stream, resync, write_stream,
 )
 
-headers = st.builds(
-    Header,
-    preset=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=32),
-    model_id=st.binary(min_size=8, max_size=8),
-    width=st.integers(1, 65535), height=st.integers(1, 65535),
-    fps_num=st.integers(1, 2**32 - 1), fps_den=st.integers(1, 2**32 - 1),
-    frames=st.integers(0, 2**32 - 1), bank_size=st.integers(1, 255),
-    source_width=st.integers(0, 65535), source_height=st.integers(0, 65535),
-    crop_left=st.integers(0, 65535), crop_top=st.integers(0, 65535), crop_size=st.integers(0, 65535),
-)
+@st.composite
+def headers(draw) -> Header:
+    """Headers a stream of imfc's can hold (Header.check's limits)."""
+    side = draw(st.integers(1, MAX_SIDE))
+    fps_den = draw(st.integers(1, 1001))
+    fps_num = draw(st.integers(max(1, -(-fps_den // 100)), 1000 * fps_den))
+    source_width, source_height = draw(st.integers(1, 65535)), draw(st.integers(1, 65535))
+    return Header(
+        preset=draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=32)),
+        model_id=draw(st.binary(min_size=8, max_size=8)), width=side, height=side, fps_num=fps_num,
+        fps_den=fps_den, frames=draw(st.integers(1, MAX_FRAMES)), bank_size=draw(st.integers(1, MAX_BANK)),
+        source_width=source_width, source_height=source_height,
+        crop_left=draw(st.integers(0, source_width - 1)), crop_top=draw(st.integers(0, source_height - 1)),
+        crop_size=draw(st.integers(1, MAX_SIDE)))
+
+
 chunks = st.builds(Chunk, type=st.sampled_from(list(ChunkType)), payload=st.binary(max_size=300))
 
 
@@ -27,7 +34,7 @@ def header(frames: int) -> Header:
     return Header("tiny", bytes(range(8)), 64, 64, 25, 1, frames, 2, 320, 240, 40, 0, 240)
 
 
-@given(headers)
+@given(headers())
 def test_header_round_trip(h):
     data = h.to_bytes()
     parsed, used = Header.from_bytes(data + b"trailing")
@@ -36,7 +43,7 @@ def test_header_round_trip(h):
 
 @given(st.lists(chunks, max_size=20))
 def test_chunks_round_trip(items):
-    h = header(len(items))
+    h = header(len(items) + 1)
     data = write_stream(h, items)
     _, pos = Header.from_bytes(data)
     assert list(iter_chunks(data, pos)) == items
@@ -64,10 +71,27 @@ def test_keyframe_payload_without_room_for_its_step_is_refused():
         KeyframePayload.from_bytes(bytes([3]) + b"tok")
 
 
-@given(st.integers(1, 2**28 - 1), st.binary(max_size=100))
+@given(st.integers(1, MAX_RUN_FRAMES), st.binary(max_size=100))
 def test_token_run_payload_round_trip(frames, tokens):
     p = TokenRunPayload(frames, tokens)
     assert TokenRunPayload.from_bytes(p.to_bytes()) == p
+
+
+def test_runs_longer_than_the_limit_are_refused():
+    """A run is decoded at once, so its length bounds the decoder's memory (the bomb files of
+    issue 17 announced 2^20 and 2^24 frames in one run of a few bytes)."""
+    with pytest.raises(BitstreamError, match=f"token run of {MAX_RUN_FRAMES + 1} frames"):
+        TokenRunPayload.from_bytes(TokenRunPayload(MAX_RUN_FRAMES + 1, b"rans").to_bytes())
+    with pytest.raises(BitstreamError, match=f"repeat of {2**20} frames"):
+        RepeatPayload.from_bytes(RepeatPayload(2**20).to_bytes())
+
+
+def test_varints_must_be_in_their_shortest_form():
+    assert RepeatPayload.from_bytes(bytes([0x85, 0x01])) == RepeatPayload(133)
+    with pytest.raises(BitstreamError, match="shortest form"):
+        RepeatPayload.from_bytes(bytes([0x85, 0x00]))
+    with pytest.raises(BitstreamError, match="malformed length"):
+        RepeatPayload.from_bytes(bytes([0xFF] * 5))
 
 
 def test_token_runs_count_their_frames():
@@ -76,7 +100,7 @@ def test_token_runs_count_their_frames():
     assert read_stream(write_stream(header(9), [key, run, Chunk(ChunkType.FRAME, b"x")]))[1][1].frames == 7
     with pytest.raises(BitstreamError, match="truncated: header announces 10 frames, stream holds 8"):
         read_stream(write_stream(header(10), [key, run]))
-    with pytest.raises(BitstreamError, match="malformed: header announces 3 frames, stream holds 8"):
+    with pytest.raises(BitstreamError, match=r"malformed: header announces 3 frames, chunk 1 at byte \d+ brings the stream to 8"):
         read_stream(write_stream(header(3), [key, run]))
     with pytest.raises(BitstreamError, match="no frames"):
         read_stream(write_stream(header(1), [key, Chunk(ChunkType.TOKEN_RUN, b"\x00rans")]))
@@ -193,3 +217,52 @@ def test_parser_survives_thousands_of_random_mutations():
             read_stream(bytes(buf))
         except BitstreamError:
             pass
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("frames", 0, "frame count 0"),
+    ("frames", MAX_FRAMES + 1, f"frame count {MAX_FRAMES + 1}"),
+    ("width", 96, "coded size 96x64"),
+    ("width", 0, "coded size 0x64"),
+    ("fps_den", 0, "frame rate 25/0"),
+    ("fps_num", 0, "frame rate 0/1"),
+    ("fps_num", 10**6, "frame rate 1000000/1"),
+    ("bank_size", 0, "bank size 0"),
+    ("bank_size", MAX_BANK + 1, f"bank size {MAX_BANK + 1}"),
+    ("source_width", 0, "source size 0x240"),
+    ("crop_size", 0, "crop size 0"),
+    ("crop_size", 65535, "crop size 65535"),
+    ("crop_left", 320, r"crop origin \(320, 0\)"),
+])
+def test_implausible_header_fields_are_refused(field, value, message):
+    """Every header field that the decoder allocates by, or divides by, is checked when read; a
+    valid CRC does not make a lying header acceptable. The writer refuses the same headers."""
+    h = replace(header(3), **{field: value})
+    with pytest.raises(BitstreamError, match=f"header: {message} is implausible"):
+        Header.from_bytes(h.pack())
+    with pytest.raises(BitstreamError, match=message):
+        h.to_bytes()
+
+
+def test_read_file_limits(tmp_path, monkeypatch):
+    data, _ = sample_stream()
+    path = tmp_path / "s.imfc"
+    path.write_bytes(data)
+    assert read_file(path)[0].frames == 10
+    with pytest.raises(BitstreamError, match="holds 10 frames, more than the limit of 9; pass --max-frames 10"):
+        read_file(path, max_frames=9)
+    monkeypatch.setattr(bitstream, "MAX_STREAM_BYTES", len(data) - 1)
+    with pytest.raises(BitstreamError, match="more than an .imfc file can hold"):
+        read_file(path)
+    with pytest.raises(BitstreamError, match="no such file"):
+        read_file(tmp_path / "missing.imfc")
+    with pytest.raises(BitstreamError, match="is a directory"):
+        read_file(tmp_path)
+
+
+def test_malformed_keyframe_is_refused_when_the_stream_is_read():
+    bad = Chunk(ChunkType.KEYFRAME, bytes([200]) + b"short")
+    data = write_stream(header(1), [bad])
+    _, pos = Header.from_bytes(data)
+    with pytest.raises(BitstreamError, match=f"chunk 0 at byte {pos}: malformed keyframe payload"):
+        read_stream(data)

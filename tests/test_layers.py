@@ -1,3 +1,9 @@
+"""Reusable layers. Tolerances say what they allow: 1e-6 where an operation is exact up to the
+float32 rounding of a handful of operations (bilinear weights of 0 or 1, a zero flow); 1e-5 where
+two fractional sample positions are composed (their coordinates round twice); 1e-3 to 1e-4 where a
+softmax leaves a tiny share (about e^-8) to keys other than the intended one. Each is far below
+the 1e-2 that the negative checks use to tell a wrong result."""
+
 import math
 
 import torch

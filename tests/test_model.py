@@ -87,13 +87,18 @@ def test_cached_reference_matches_uncached():
 @torch.no_grad()
 def test_bank_of_identical_references_equals_one(pixel_warp):
     model, x_ref, u_ref, u_cur = tiny_reference(pixel_warp=pixel_warp)
-    # make attention non-trivial: random values for the learned extra tokens
+    # make attention non-trivial: random values for the learned extra tokens (own generator, so
+    # the draw does not depend on what ran before)
+    g = torch.Generator().manual_seed(7)
     for p in model.parameters():
-        p.add_(torch.randn_like(p) * 0.01)
+        p.add_(torch.randn(p.shape, generator=g) * 0.01)
     ref = model.reference(x_ref, u_ref)
     one = model.synthesize(u_cur, [ref])
     two = model.synthesize(u_cur, [ref, ref])
-    torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
+    # Duplicated keys give the same softmax average in exact arithmetic; in float32 the sums run
+    # in another order (seen: 1.2e-5 on one machine). 1e-4 is 40x below one 8-bit level (3.9e-3),
+    # so a bank that weighted its references wrongly would still fail by orders of magnitude.
+    torch.testing.assert_close(one, two, atol=1e-4, rtol=0)
 
 
 @torch.no_grad()

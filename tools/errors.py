@@ -5,20 +5,29 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from codec.video_io import VideoError
-from codec.nn.weights import WeightsError
 from entropy.bitstream import BitstreamError
-from entropy.coding import CoderNotReady
 
-USER_ERRORS = (VideoError, BitstreamError, WeightsError, CoderNotReady, OSError)
+# Error classes of modules that pull in torch, named rather than imported, so a tool can refuse
+# a bad stream before it pays for loading them (an exception of a module not loaded cannot occur).
+_LAZY_USER_ERRORS = (("codec.video_io", "VideoError"), ("codec.nn.weights", "WeightsError"),
+                     ("entropy.coding", "CoderNotReady"))
+
+
+def is_user_error(e: BaseException) -> bool:
+    if isinstance(e, (BitstreamError, OSError)):
+        return True
+    return any(module in sys.modules and isinstance(e, getattr(sys.modules[module], name))
+               for module, name in _LAZY_USER_ERRORS)
 
 
 def run(prog: str, action: Callable[[], int]) -> int:
     try:
         return action()
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
