@@ -10,6 +10,10 @@ keyframe at the start (keyframe interval longer than the clip, scene-cut detecti
 - SVT-AV1: preset 8, pred-struct 1 (SVT-AV1's low-delay prediction structure: every frame refers
   only to past frames), scd 0; its CRF runs as constant QP in low delay (SVT reports "CQP").
 
+Reduced anchors (`Reduced`, `reduced_round_trip`) are what a call application does when bits run
+out: code every K-th frame and hold each decoded frame until the next (the stream at fps / K), or
+code at a smaller size and upscale. Their bytes are counted over the whole clip's duration.
+
 Bitrate counts every byte of the raw elementary stream (H.264/H.265 Annex B with in-band
 parameter sets, AV1 OBUs with the sequence header), no container overhead: no global header is
 requested, so nothing hides in extradata (``round_trip`` adds it anyway should an encoder set it).
@@ -25,6 +29,8 @@ from fractions import Fraction
 
 import av
 import numpy as np
+
+from codec.video_io import Box, crop_resize
 
 
 class Anchor(enum.Enum):
@@ -116,6 +122,44 @@ def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int
     if len(decoded) != len(frames):
         raise RuntimeError(f"{anchor.value}: {len(frames)} frames in, {len(decoded)} decoded")
     return AnchorResult(size, decoded, encode_seconds, decode_seconds, encode_cpu, decode_cpu)
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """An anchor at a reduced frame rate (every ``every``-th frame coded, each decoded frame held
+    until the next) and/or resolution (coded at ``size`` x ``size``, resized back with the same
+    antialiased bicubic filter imfc's input goes through)."""
+
+    every: int = 1
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or (self.size is not None and (self.size < 16 or self.size % 2)):
+            raise ValueError(f"need every >= 1 and an even size >= 16, got {self}")
+
+    def codec(self, anchor: Anchor) -> str:
+        """The label reports give this anchor's curve, e.g. "svtav1 held" or "svtav1 at 128"."""
+        return anchor.value + (f" at {self.size}" if self.size else "") + (" held" if self.every > 1 else "")
+
+    def setting(self, crf: int) -> str:
+        return (f"1 in {self.every}, " if self.every > 1 else "") + f"crf {crf}"
+
+
+def reduced_round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int, reduced: Reduced,
+                       threads: int = 1) -> AnchorResult:
+    """round_trip of the reduced stream -> one decoded frame per input frame, at the input's size
+    (square frames). Timings are the reduced stream's."""
+    size = frames[0].shape[0]
+    coded = frames[::reduced.every]
+    if reduced.size:
+        coded = [crop_resize(f, Box(0, 0, size), reduced.size) for f in coded]
+    result = round_trip(anchor, coded, fps / reduced.every, crf, threads)
+    decoded = result.frames
+    if reduced.size:
+        decoded = [crop_resize(f, Box(0, 0, reduced.size), size) for f in decoded]
+    held = [decoded[i // reduced.every] for i in range(len(frames))]
+    return AnchorResult(result.bytes, held, result.encode_seconds, result.decode_seconds,
+                        result.encode_cpu_seconds, result.decode_cpu_seconds)
 
 
 def x264_round_trip(frames: list[np.ndarray], fps: Fraction, crf: int) -> tuple[int, list[np.ndarray]]:

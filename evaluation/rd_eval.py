@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.anchors import Anchor, round_trip
+from evaluation.anchors import Anchor, Reduced, reduced_round_trip, round_trip
 from evaluation.metrics import FrameScores, score
 from codec.nn.model import IMFCodec
 from codec.pipeline import Encoder, EncoderSettings, pack_token_runs
@@ -47,6 +47,12 @@ class EvalSettings:
         (Anchor.X264, (51, 45, 39)),
         (Anchor.X265, (51, 45, 39)),
         (Anchor.SVTAV1, (63, 55, 47)),
+    )
+    # what a call application does when bits run out (issue 15's bar): SVT-AV1 on every K-th frame,
+    # held, and SVT-AV1 at 128x128, upscaled
+    reduced: tuple[tuple[Anchor, Reduced, tuple[int, ...]], ...] = (
+        *((Anchor.SVTAV1, Reduced(every=k), (63, 55)) for k in (2, 4, 6, 12)),
+        (Anchor.SVTAV1, Reduced(size=128), (63, 55)),
     )
     vmaf: bool = True
     samples: int = 3  # frames kept per point for the side-by-side picture
@@ -146,10 +152,18 @@ def evaluate_anchor(anchor: Anchor, clip: Clip, crf: int, with_vmaf: bool = True
     return _point(clip, anchor.value, f"crf {crf}", result.bytes, 1, np.array(result.frames), fps, with_vmaf)
 
 
+def evaluate_reduced(anchor: Anchor, reduced: Reduced, clip: Clip, crf: int, with_vmaf: bool = True) -> CodedPoint:
+    result = reduced_round_trip(anchor, list(clip.frames), clip.fps, crf, reduced, threads=1)
+    fps = len(clip.frames) / max(sum(result.encode_seconds), 1e-9)
+    return _point(clip, reduced.codec(anchor), reduced.setting(crf), result.bytes, 1, np.array(result.frames), fps,
+                  with_vmaf)
+
+
 def evaluate_clip(model: IMFCodec, clip: Clip, imfc: list[EncoderSettings], anchors: list[tuple[Anchor, tuple[int, ...]]],
-                  with_vmaf: bool = True, after_point: Callable[[str], None] = lambda label: None) -> list[CodedPoint]:
-    """Every imfc operating point, then every anchor CRF, on one clip; ``after_point`` hears each
-    finished point's label (for a progress bar)."""
+                  with_vmaf: bool = True, after_point: Callable[[str], None] = lambda label: None,
+                  reduced: list[tuple[Anchor, Reduced, tuple[int, ...]]] = ()) -> list[CodedPoint]:
+    """Every imfc operating point, then every anchor CRF, then every reduced anchor's, on one clip;
+    ``after_point`` hears each finished point's label (for a progress bar)."""
     coded = []
     for s in imfc:
         coded.append(evaluate_imfc(model, clip, s, with_vmaf))
@@ -158,4 +172,8 @@ def evaluate_clip(model: IMFCodec, clip: Clip, imfc: list[EncoderSettings], anch
         for crf in crfs:
             coded.append(evaluate_anchor(anchor, clip, crf, with_vmaf))
             after_point(f"{clip.name} {anchor.value} crf {crf}")
+    for anchor, r, crfs in reduced:
+        for crf in crfs:
+            coded.append(evaluate_reduced(anchor, r, clip, crf, with_vmaf))
+            after_point(f"{clip.name} {r.codec(anchor)} {r.setting(crf)}")
     return coded

@@ -24,7 +24,8 @@ BD_METRICS = ("psnr_rgb", "ms_ssim", "vmaf")
 LABELS = {"psnr_rgb": "PSNR RGB (dB)", "psnr_y": "PSNR Y (dB)", "ssim": "SSIM (RGB)", "ms_ssim": "MS-SSIM (RGB)",
           "vmaf": "VMAF v0.6.1", "gmsd": "GMSD (lower is better)"}
 LOW_OVERLAP = 0.5  # below this share of the quality range a BD-rate extrapolates more than it measures
-COLORS = {IMFC: "tab:red", "x264": "tab:blue", "x265": "tab:green", "svtav1": "tab:purple"}
+COLORS = {IMFC: "tab:red", "x264": "tab:blue", "x265": "tab:green", "svtav1": "tab:purple",
+          "svtav1 held": "tab:orange", "svtav1 at 128": "tab:brown"}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from evaluation.anchors import Anchor, round_trip
+from evaluation.anchors import Anchor, Reduced, reduced_round_trip, round_trip
 from codec.files import encode_file
 from evaluation.metrics import vmaf_available
 from codec.pipeline import EncoderSettings
@@ -35,6 +35,38 @@ def test_anchor_round_trip(anchor):
     assert max(err) < 8  # a fine CRF decodes close to the source: frames are neither lost nor reordered
 
 
+def test_reduced_anchors_hold_frames_and_cost_less():
+    """1 in 4 frames coded and each held until the next; or coded at half size and resized back.
+    Both give one frame per input frame at the input's size, for fewer bytes than the full stream."""
+    frames = list(moving_square_clip(12, 64))
+    full = round_trip(Anchor.SVTAV1, frames, Fraction(25), 40)
+    held = reduced_round_trip(Anchor.SVTAV1, frames, Fraction(25), 40, Reduced(every=4))
+    assert len(held.frames) == 12 and held.bytes < full.bytes
+    for i in range(12):
+        assert np.array_equal(held.frames[i], held.frames[4 * (i // 4)])
+    assert not np.array_equal(held.frames[0], held.frames[4])  # the square moved
+    small = reduced_round_trip(Anchor.SVTAV1, frames, Fraction(25), 40, Reduced(size=32))
+    assert len(small.frames) == 12 and small.frames[0].shape == (64, 64, 3) and small.bytes < full.bytes
+    assert Reduced(every=4).codec(Anchor.SVTAV1) == "svtav1 held" and Reduced(every=4).setting(63) == "1 in 4, crf 63"
+    assert Reduced(size=128).codec(Anchor.SVTAV1) == "svtav1 at 128"
+    with pytest.raises(ValueError):
+        Reduced(every=0)
+
+
+def test_eval_with_reduced_anchors(tiny_weights, synthetic_video, tmp_path):
+    out = tmp_path / "result"
+    args = [str(synthetic_video), "--out", str(out), "--weights", str(tiny_weights), "--frames", str(FRAMES),
+            "--imfc-points", "0:250,0:2", "--x264-crf", "", "--x265-crf", "", "--svtav1-crf", "", "--held", "2,3",
+            "--held-crf", "63,50", "--small", "32", "--small-crf", "63,50", "--no-vmaf", "-q"]
+    assert eval_tool.main(args) == 0
+    data = json.loads((out / "points.json").read_text())
+    settings = {(p["codec"], p["setting"]) for p in data["points"] if p["codec"] != "imfc"}
+    assert settings == {("svtav1 held", f"1 in {k}, crf {c}") for k in (2, 3) for c in (63, 50)} | {
+        ("svtav1 at 32", f"crf {c}") for c in (63, 50)}
+    assert {e["anchor"] for e in data["bd_rate"]} == {"svtav1 held", "svtav1 at 32"}
+    assert "1 in K frames coded (K = 2, 3" in (out / "summary.md").read_text()
+
+
 def test_anchor_rejects_bad_crf():
     with pytest.raises(ValueError, match="CRF"):
         round_trip(Anchor.X264, list(moving_square_clip(2, 64)), Fraction(25), 60)
@@ -44,7 +76,8 @@ def test_anchor_rejects_bad_crf():
 def eval_out(tiny_weights, synthetic_video, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "result"
     args = [str(synthetic_video), "--out", str(out), "--weights", str(tiny_weights), "--frames", str(FRAMES),
-            "--imfc-points", "0:250,0:2", "--x264-crf", "51,35", "--x265-crf", "", "--svtav1-crf", "", "-q"]
+            "--imfc-points", "0:250,0:2", "--x264-crf", "51,35", "--x265-crf", "", "--svtav1-crf", "", "--held", "",
+            "--small", "0", "-q"]
     if not vmaf_available():
         args.append("--no-vmaf")
     assert eval_tool.main(args) == 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.anchors import SPECS, Anchor
+from evaluation.anchors import SPECS, Anchor, Reduced
 from evaluation.metrics import MetricError, vmaf_available
 from codec.pipeline import EncoderSettings
 from evaluation.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
@@ -82,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     for anchor in Anchor:
         parser.add_argument(f"--{anchor.value}-crf", type=int_list, default=crfs[anchor],
                             help=f"{anchor.value} CRFs (default {','.join(map(str, crfs[anchor]))}; empty to skip)")
+    held = sorted({r.every for _, r, _ in d.reduced if r.every > 1})
+    small = next((r.size for _, r, _ in d.reduced if r.size), 0)
+    held_crf = next(c for _, r, c in d.reduced if r.every > 1)
+    small_crf = next(c for _, r, c in d.reduced if r.size)
+    parser.add_argument("--held", type=int_list, default=tuple(held),
+                        help="SVT-AV1 on every K-th frame only, each decoded frame held until the next, for these K "
+                             f"(default {','.join(map(str, held))}; empty to skip)")
+    parser.add_argument("--held-crf", type=int_list, default=held_crf,
+                        help=f"CRFs of the held anchors (default {','.join(map(str, held_crf))})")
+    parser.add_argument("--small", type=int, default=small,
+                        help=f"SVT-AV1 at this size, upscaled back (default {small}; 0 to skip)")
+    parser.add_argument("--small-crf", type=int_list, default=small_crf,
+                        help=f"CRFs of the small anchor (default {','.join(map(str, small_crf))})")
     parser.add_argument("--no-repeat", action="store_true",
                         help="imfc synthesizes every token frame, never repeating a keyframe's picture")
     parser.add_argument("--no-vmaf", action="store_true", help="skip VMAF (scored NaN)")
@@ -94,8 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = SPECS[anchor].crf_range
         if any(not lo <= c <= hi for c in getattr(args, f"{anchor.value}_crf")):
             parser.error(f"--{anchor.value}-crf values must be in {lo}..{hi}")
+    lo, hi = SPECS[Anchor.SVTAV1].crf_range
+    if any(not lo <= c <= hi for c in args.held_crf + args.small_crf):
+        parser.error(f"--held-crf and --small-crf values must be in {lo}..{hi}")
+    if any(k < 2 for k in args.held) or args.small < 0 or args.small % 2:
+        parser.error("--held values must be >= 2 and --small an even size (0 to skip)")
     torch.set_num_threads(max(1, args.threads))
     anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
+    reduced = [(Anchor.SVTAV1, Reduced(every=k), args.held_crf) for k in args.held if args.held_crf]
+    reduced += [(Anchor.SVTAV1, Reduced(size=args.small), args.small_crf)] if args.small and args.small_crf else []
     imfc = [replace(p, repeat_keyframe=not args.no_repeat) for p in args.imfc_points]
 
     def action() -> int:
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         start = time.perf_counter()
         try:
-            total = len(args.clips) * (len(imfc) + sum(len(c) for _, c in anchors))
+            total = len(args.clips) * (len(imfc) + sum(len(c) for _, c in anchors) + sum(len(c) for *_, c in reduced))
             bar = tqdm(total=total, unit="point", desc="eval", disable=True if args.quiet else None)
             coded = []
 
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in args.clips:
                 clip = load_clip(path, res, args.frames)
-                coded_clip = evaluate_clip(model, clip, imfc, anchors, with_vmaf, after_point)
+                coded_clip = evaluate_clip(model, clip, imfc, anchors, with_vmaf, after_point, reduced)
                 side_by_side(clip.frames, coded_clip, clip.samples, tmp / f"side_by_side_{clip.name}.png")
                 coded += coded_clip
             bar.close()
@@ -139,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 "model": f"{model.cfg.name} {model_id(model).hex()} ({args.weights or 'shipped default'})",
                 "vmaf": with_vmaf,
                 "imfc_settings": [imfc_setting(s) for s in imfc],
-                "anchor_settings": {a.value: SPECS[a].settings for a, _ in anchors},
+                "anchor_settings": {**{a.value: SPECS[a].settings for a, _ in anchors},
+                                    **{r.codec(a): f"{r.codec(a)}: {SPECS[a].settings}, " + (
+                                        f"1 in K frames coded (K = {', '.join(map(str, args.held))}; the stream at "
+                                        "fps / K), each decoded frame held until the next" if r.every > 1 else
+                                        f"coded at {r.size}x{r.size} (antialiased bicubic down and up)")
+                                       for a, r, _ in reduced}},
                 "seconds": round(time.perf_counter() - start, 1),
                 "clips": [str(p) for p in args.clips],
             }
