@@ -13,6 +13,7 @@ from codec.files import encode_file
 from evaluation.metrics import vmaf_available
 from codec.pipeline import EncoderSettings
 from codec.nn.weights import load_weights
+from evaluation.rd_eval import load_clip
 from tools import bench
 from tools import eval as eval_tool
 
@@ -172,3 +173,19 @@ def test_imfc_points_take_an_optional_rate_cap_and_keyframe_step():
     for bad in ("20", "20:250:16:1.1", "20:250:16:2:1", "20:0", "20:250:-1", "x:5"):
         with pytest.raises(argparse.ArgumentTypeError):
             eval_tool.imfc_points(bad)
+
+
+def test_profile_names_steps_modules_and_ops(tiny_weights, synthetic_video):
+    from evaluation.profile import labelled, profile_coding
+
+    model = load_weights(tiny_weights)
+    clip = load_clip(synthetic_video, model.cfg.resolution, 4)
+    p = profile_coding(model, clip.frames, EncoderSettings(quality_floor=0, max_kbps=0, repeat_keyframe=False))
+    names = {r.name for r in p.decode}
+    assert {"step: synthesis (IMF_D + IMF_A + D_F)", "module: IMF_A alignment", "step: keyframe codec decode"} <= names
+    synthesis = next(r for r in p.decode if r.name.startswith("step: synthesis"))
+    assert synthesis.calls == 3 and 0 < synthesis.share <= 1  # one keyframe, three synthesized frames
+    assert p.decode_ops and all(r.name.startswith("aten::") for r in p.decode_ops)
+    with labelled(model):
+        assert "reference" in vars(model)
+    assert "reference" not in vars(model) and not model.alignment._forward_hooks  # all undone

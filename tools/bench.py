@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from codec.pipeline import EncoderSettings
+from evaluation.profile import profile_coding, profile_tables
 from evaluation.rd_eval import load_clip
 from evaluation.speed import Speed, bench_imfc, bench_x264, peak_rss_mb
 from codec.video_io import VideoError, probe
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int_list, default=(1, 2), help="thread counts to measure (default 1,2)")
     parser.add_argument("--x264-crf", type=int, default=51, help="libx264 CRF (default %(default)s, its lowest rate)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile encode and decode (torch.profiler, at the first thread count): CPU time "
+                             "per step, module and op")
     args = parser.parse_args(argv)
     if args.frames < 2 or not args.threads or min(args.threads) < 1:
         parser.error("--frames must be >= 2 and --threads positive")
@@ -107,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"- model load (weights file to a ready model, imports excluded): {load_seconds * 1000:.0f} ms",
                   (f"- peak resident memory of the process: {rss_before:.0f} MB after imports, {rss_imfc:.0f} MB after "
                   f"the imfc runs, {peak_rss_mb():.0f} MB at the end")]
+        if args.profile:
+            lines += ["", f"Profile ({args.threads[0]} thread(s), the same frames and settings):", ""]
+            lines += profile_tables(profile_coding(model, clip.frames, settings, args.threads[0]))
         print("\n".join(lines))
         if args.json is not None:
             args.json.write_text(json.dumps({
