@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.bdrate import BDRate, bd_rate
+from evaluation.bdrate import BDRate, bd_rate, frontier
 from evaluation.metrics import HIGHER_IS_BETTER, METRICS
 from evaluation.rd_eval import IMFC, CodedPoint, RDPoint
 
@@ -124,7 +124,10 @@ def plot_rd(points: list[RDPoint], metric: str, path: Path, title: str) -> None:
         c = curve(points, codec)
         if len(c.kbps) == 0:
             continue
-        ax.plot(c.kbps, c.quality[metric], "o-", color=COLORS.get(codec), label=codec, markersize=4)
+        # the line joins the frontier (what BD-rates integrate); points it leaves out stay as markers
+        r, q = frontier(c.kbps, c.quality[metric], HIGHER_IS_BETTER[metric])
+        line, = ax.plot(r, q, "o-", color=COLORS.get(codec), label=codec, markersize=4)
+        ax.plot(c.kbps, c.quality[metric], "o", color=line.get_color(), markersize=3, alpha=0.5)
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30, 50 rather than 2x10^1
     ax.xaxis.set_major_formatter(plain)
