@@ -31,6 +31,11 @@ class TrainConfig:
     near_share: float = 0.0  # share of samples whose current frame is at most near_distance after the reference
     near_distance: int = 25
     key_step_max: float = 1.0  # keyframes train at steps of KEYFRAME_STEPS up to this, drawn per sample
+    # AV1-reference regime (train/av1_refs.py): references are AV1-decoded pictures from this folder,
+    # with no learned keyframe; "" = the learned keyframe codec, as before
+    av1_refs: str = ""
+    av1_distance: int = 25  # current frames 1..av1_distance after the newest AV1 reference
+    av1_val_crf: int = 0  # the CRF of the AV1 validation; 0 = the middle of those precomputed
     gan_weight: float = 0.0  # weight of the patch discriminator's hinge loss on the frame; 0 = no discriminator
     gan_start: int = 0  # the discriminator trains from step 0, the frame feels it from this step
     d_lr: float = 1e-4
@@ -48,6 +53,10 @@ class TrainConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.data).expanduser()
+
+    @property
+    def av1_refs_dir(self) -> Path | None:
+        return Path(self.av1_refs).expanduser() if self.av1_refs else None
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -72,9 +72,10 @@ def augment(frames: Tensor, rng: np.random.Generator, resolution: int) -> Tensor
 
 
 def camera_motion(frames: Tensor, rng: np.random.Generator, shift: float = 0.1, scale: float = 0.1,
-                  degrees: float = 8.0) -> Tensor:
+                  degrees: float = 8.0, still: int = 1) -> Tensor:
     """Move the previous and current frames of a triplet (3, 3, R, R) by one random similarity
-    transform (as if the camera had moved), leaving the reference as it is.
+    transform (as if the camera had moved), leaving the reference as it is (the first ``still``
+    frames: a bank of references stays together).
 
     Synthetic motion whose every pixel follows one known map: the easiest motion there is for the
     token to describe and for the alignment to follow, mixed into real pairs to teach both."""
@@ -83,10 +84,10 @@ def camera_motion(frames: Tensor, rng: np.random.Generator, shift: float = 0.1, 
     tx, ty = rng.uniform(-shift, shift, size=2) * 2  # grid units: the frame spans [-1, 1]
     theta = torch.tensor([[s * np.cos(angle), -s * np.sin(angle), tx],
                           [s * np.sin(angle), s * np.cos(angle), ty]], dtype=frames.dtype)
-    moving = frames[1:]
+    moving = frames[still:]
     grid = F.affine_grid(theta.expand(len(moving), 2, 3), list(moving.shape), align_corners=False)
     moved = F.grid_sample(moving, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return torch.cat([frames[:1], moved])
+    return torch.cat([frames[:still], moved])
 
 
 def resize(frames: Tensor, resolution: int) -> Tensor:
@@ -160,3 +161,109 @@ def validation_triplets(cache: ClipCache, resolution: int, per_clip: int = 4) ->
 def near_validation_triplets(cache: ClipCache, resolution: int, distances: tuple[int, ...] = (2, 8, 25)) -> Tensor:
     """A fixed set of frames close to their reference (the first frame), as after a keyframe."""
     return _first_frame_triplets(cache, resolution, lambda n: [min(d, n - 1) for d in distances])
+
+
+# -- AV1-decoded references (train/av1_refs.py) ------------------------------------------------------
+
+
+class Av1RefCache:
+    """The AV1-decoded references `train.av1_refs` precomputed for the clips of a ClipCache: per
+    clip and CRF, memory-mapped pictures (N, S, S, 3) uint8 and the clip frame each one is."""
+
+    def __init__(self, root: Path, names: tuple[str, ...], crfs: tuple[int, ...] | None = None):
+        root = Path(root)
+        if crfs is None:  # the CRFs that every clip has
+            have = [{int(p.stem.rsplit("_crf", 1)[1]) for p in root.glob(f"{n}_crf*.json")} for n in names]
+            crfs = tuple(sorted(set.intersection(*have))) if have else ()
+        if not crfs:
+            raise FileNotFoundError(f"no AV1 references common to all {len(names)} clips in {root}; "
+                                    "run `python -m train.av1_refs` first")
+        missing = [f"{n}_crf{c}" for n in names for c in crfs if not (root / f"{n}_crf{c}.npy").exists()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} AV1 reference files missing from {root} (first: {missing[0]}); "
+                                    "run `python -m train.av1_refs` first")
+        self.names = names
+        self.crfs = crfs
+        self.pictures = [{c: np.load(root / f"{n}_crf{c}.npy", mmap_mode="r") for c in crfs} for n in names]
+        metas = [json.loads((root / f"{n}_crf{crfs[0]}.json").read_text()) for n in names]
+        self.indices = [np.array(m["indices"]) for m in metas]
+        self.every = metas[0]["every"] if metas else 0
+
+
+class Av1TripletSampler:
+    """Random samples of the AV1-reference regime: a clip (weighted by sqrt of its length), a CRF
+    and one of its AV1-decoded pictures as the newest reference; the current frame 1 to
+    ``max_distance`` frames after it, previous = current - 1 (the source frames); and the AV1
+    picture before the newest (K frames earlier) as the older reference of a bank of two. The first
+    picture of a clip has none: the newest stands in, a bank of two equal references being one
+    reference to the attention. One augmentation for all four frames; camera motion, if drawn, moves
+    previous and current only.
+
+    ``sample()`` -> (4, B, 3, R, R): newest reference, previous, current, older reference (the
+    first three in the order of `TripletSampler`'s triplets)."""
+
+    def __init__(self, cache: ClipCache, refs: Av1RefCache, resolution: int, batch_size: int, seed: int,
+                 camera_motion: float = 0.0, max_distance: int = 25):
+        if refs.names != cache.names:
+            raise ValueError("the AV1 references must be of the cache's clips, in its order")
+        self.cache = cache
+        self.refs = refs
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.camera_motion = camera_motion
+        self.max_distance = max_distance
+        self.rng = np.random.default_rng(seed)
+        lengths = np.array([len(c) for c in cache.clips], dtype=np.float64)
+        self.weights = np.sqrt(lengths) / np.sqrt(lengths).sum()
+
+    def sample(self) -> Tensor:
+        out = []
+        for _ in range(self.batch_size):
+            c = int(self.rng.choice(len(self.cache), p=self.weights))
+            clip = self.cache.clips[c]
+            pictures = self.refs.pictures[c][self.refs.crfs[int(self.rng.integers(len(self.refs.crfs)))]]
+            j, cur = self.pick(self.refs.indices[c], len(clip))
+            refs = _to_float(pictures[[j, max(j - 1, 0)]])
+            frames = augment(torch.cat([refs, _to_float(clip[[cur - 1, cur]])]), self.rng, self.resolution)
+            if self.camera_motion > 0 and self.rng.random() < self.camera_motion:
+                frames = camera_motion(frames, self.rng, still=2)
+            out.append(frames[[0, 2, 3, 1]])
+        return torch.stack(out, 1)
+
+    def pick(self, indices: np.ndarray, length: int) -> tuple[int, int]:
+        """(which AV1 picture is the newest reference, current frame index) in a clip of ``length``."""
+        usable = np.flatnonzero(indices + 1 < length)
+        j = int(usable[self.rng.integers(len(usable))])
+        distance = int(self.rng.integers(1, min(self.max_distance, length - 1 - int(indices[j])) + 1))
+        return j, int(indices[j]) + distance
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def av1_validation_triplets(cache: ClipCache, refs: Av1RefCache, resolution: int, crf: int,
+                            distances: tuple[int, ...] = (1, 4, 12, 25)) -> Tensor:
+    """A fixed set for the AV1-reference regime: per clip, the AV1 picture (at ``crf``) nearest the
+    clip's middle that has an older one before it and room for the farthest distance after it, and
+    the current frame at each distance after it -> (4, clips * len(distances), 3, R, R), in
+    `Av1TripletSampler`'s order, clip by clip, distances in the order given."""
+    if crf not in refs.crfs:
+        raise ValueError(f"no AV1 references at CRF {crf} (precomputed: {refs.crfs})")
+    out = []
+    for c, clip in enumerate(cache.clips):
+        indices, n = refs.indices[c], len(clip)
+        fits = np.flatnonzero((indices + max(distances) < n) & (np.arange(len(indices)) >= 1))
+        if not len(fits):  # a short clip: the latest picture that leaves room, or the first
+            fits = np.flatnonzero(indices + max(distances) < n)[-1:] if (indices + max(distances) < n).any() else [0]
+        j = int(min(fits, key=lambda k: abs(int(indices[k]) - n // 2)))
+        pictures = refs.pictures[c][crf]
+        r = int(indices[j])
+        for d in distances:
+            cur = max(min(r + d, n - 1), 1)
+            frames = torch.cat([_to_float(pictures[[j]]), _to_float(clip[[cur - 1, cur]]),
+                                _to_float(pictures[[max(j - 1, 0)]])])
+            out.append(resize(frames, resolution))
+    return torch.stack(out, 1)

@@ -38,13 +38,15 @@ from codec.nn.model import IMFCodec, build_model
 from codec.nn.weights import load_weights, save_weights
 from entropy.coding import bits
 from train.config import TrainConfig
-from train.data import ClipCache, Split, TripletSampler, near_validation_triplets, validation_triplets
+from train.data import (Av1RefCache, Av1TripletSampler, ClipCache, Split, TripletSampler, av1_validation_triplets,
+                        near_validation_triplets, validation_triplets)
 from train.discriminator import MultiScaleDiscriminator, hinge_d_loss, hinge_g_loss
 from train.distributed import (World, all_average, assert_replicas_equal, broadcast_from_main, close_world, gather,
                                init_world)
 from train.losses import msssim, psnr, rd_loss
 
 SINGLE = World(0, 1, torch.device("cpu"))
+AV1_VAL_DISTANCES = (1, 4, 12, 25)  # frames after the newest AV1 reference, in the AV1 validation
 
 
 @dataclass
@@ -93,12 +95,14 @@ def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
     params, aux = split_parameters(model)
     net = model
     if world.size > 1:  # DDP broadcasts rank 0's parameters, so replicas start equal
-        aux_ids = {id(p) for p in aux}
+        ignored = {id(p) for p in aux}
+        if cfg.av1_refs:  # no keyframe is coded: DDP must not wait for gradients that never come
+            ignored |= {id(p) for m in (model.keyframe_codec, model.token_prior) for p in m.parameters()}
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [n for n, p in model.named_parameters() if id(p) in aux_ids])
+            model, [n for n, p in model.named_parameters() if id(p) in ignored])
         net = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None,
                                       broadcast_buffers=False)
-        broadcast_from_main([p.data for p in aux], world)
+        broadcast_from_main([p.data for p in model.parameters() if id(p) in ignored], world)  # DDP skipped them
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr)
 
@@ -131,14 +135,21 @@ def key_steps(step_max: float, batch: int) -> Tensor | None:
 
 
 def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetrics:
+    """One update on ``batch``: (reference, previous, current) frames (3, B, 3, R, R), or with
+    ``cfg.av1_refs`` `Av1TripletSampler`'s (4, B, 3, R, R), whose references are AV1-decoded
+    pictures: a bank of two, no keyframe coded by the model."""
     t0 = time.perf_counter()
-    x_ref, x_prev, x_cur = batch
+    x_ref, x_prev, x_cur = batch[:3]
     model = state.model
     w_key = ramp(cfg.rate_start, cfg.rate_ramp, state.step)
     w_token = ramp(cfg.token_rate_start, cfg.rate_ramp, state.step)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.world.device.type == "cuda"):
-        key_step = key_steps(cfg.key_step_max, x_ref.shape[0])
-        out = state.net(x_ref, x_prev, x_cur, key_step)
+        if cfg.av1_refs:
+            key_step = None
+            out = state.net(None, x_prev, x_cur, decoded_refs=[batch[3], x_ref])  # oldest first
+        else:
+            key_step = key_steps(cfg.key_step_max, x_ref.shape[0])
+            out = state.net(x_ref, x_prev, x_cur, key_step)
     terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight,
                     key_step)
     loss, gan_g = terms.loss, torch.zeros(())
@@ -199,8 +210,34 @@ def validate(model: IMFCodec, triplets: Tensor, grid_path: Path | None = None, b
     return dict(psnr=m[0], msssim=m[1], key_psnr=m[2], copy_ref_psnr=m[3], bpp_token=m[4], bpp_key=m[5])
 
 
+@torch.no_grad()
+def validate_av1(model: IMFCodec, samples: Tensor, distances: tuple[int, ...] = AV1_VAL_DISTANCES,
+                 grid_path: Path | None = None, batch: int = 8) -> dict[str, float]:
+    """The AV1-reference regime on `av1_validation_triplets` (4, clips * len(distances), 3, R, R):
+    PSNR and MS-SSIM of the synthesis at each distance after the newest AV1 reference (bank of the
+    two newest, real rounding), and of holding that reference instead (showing the AV1 picture),
+    which the synthesis has to beat to be worth its token."""
+    model.eval()
+    rows = []
+    for i in range(0, samples.shape[1], batch):
+        x_ref, x_prev, x_cur, x_older = samples[:, i:i + batch]
+        out = model(None, x_prev, x_cur, decoded_refs=[x_older, x_ref])
+        rows.append(torch.stack([psnr(out.x_hat, x_cur), msssim(out.x_hat, x_cur), psnr(x_ref, x_cur),
+                                 msssim(x_ref, x_cur)], 1))
+        if i == 0 and grid_path is not None:
+            save_grid((x_ref, x_cur, out.x_hat, x_older), grid_path, rows=len(distances))
+    model.train()
+    m = torch.cat(rows).unflatten(0, (-1, len(distances)))  # (clips, distances, 4)
+    v = dict(zip(("av1_psnr", "av1_msssim", "av1_hold_psnr", "av1_hold_msssim"), m.mean((0, 1)).tolist()))
+    for d, per in zip(distances, m.mean(0).tolist()):
+        v |= {f"av1_d{d}_psnr": per[0], f"av1_d{d}_msssim": per[1], f"av1_d{d}_hold_psnr": per[2],
+              f"av1_d{d}_hold_msssim": per[3]}
+    return v
+
+
 def save_grid(images: tuple[Tensor, ...], path: Path, rows: int = 4) -> None:
-    """Columns: reference, target, reconstruction, decoded keyframe; one row per sample."""
+    """Columns: reference, target, reconstruction, decoded keyframe (AV1 validation: the older
+    reference); one row per sample."""
     cols = [t[:rows] for t in images]
     grid = torch.cat([torch.cat(list(c), 1) for c in cols], 2)  # (3, rows*H, cols*W)
     Image.fromarray(grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()).save(path)
@@ -282,11 +319,22 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     split = Split.load(Path(cfg.split))
-    sampler = TripletSampler(ClipCache(cfg.data_dir, split.train), cfg.resolution, cfg.batch_size // world.size,
-                             cfg.seed + world.rank, cfg.camera_motion, cfg.near_share, cfg.near_distance)
+    train_cache = ClipCache(cfg.data_dir, split.train)
+    if cfg.av1_refs:
+        sampler = Av1TripletSampler(train_cache, Av1RefCache(cfg.av1_refs_dir, split.train), cfg.resolution,
+                                    cfg.batch_size // world.size, cfg.seed + world.rank, cfg.camera_motion,
+                                    cfg.av1_distance)
+    else:
+        sampler = TripletSampler(train_cache, cfg.resolution, cfg.batch_size // world.size, cfg.seed + world.rank,
+                                 cfg.camera_motion, cfg.near_share, cfg.near_distance)
     val_cache = ClipCache(cfg.data_dir, split.val)
     val_triplets = validation_triplets(val_cache, cfg.resolution).to(world.device)
     near_triplets = near_validation_triplets(val_cache, cfg.resolution).to(world.device)
+    av1_val = None
+    if cfg.av1_refs and main:
+        val_refs = Av1RefCache(cfg.av1_refs_dir, split.val)
+        crf = cfg.av1_val_crf or val_refs.crfs[len(val_refs.crfs) // 2]
+        av1_val = av1_validation_triplets(val_cache, val_refs, cfg.resolution, crf, AV1_VAL_DISTANCES).to(world.device)
 
     state = build_state(cfg, world)
     if (out / "checkpoint.pt").exists():
@@ -309,6 +357,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
             v = validate(state.model, val_triplets, out / f"val_{m.step:06d}.png")
             near = validate(state.model, near_triplets)
             v |= {"near_psnr": near["psnr"], "near_msssim": near["msssim"]}
+            if av1_val is not None:
+                v |= validate_av1(state.model, av1_val, grid_path=out / f"val_av1_{m.step:06d}.png")
             _append_csv(out / "val.csv", {"step": m.step, **v})
             for k, x in v.items():
                 tb.add_scalar(f"val/{k}", x, m.step)

@@ -3,6 +3,7 @@ from the entropy models' likelihoods. No perceptual network: those need download
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,10 @@ def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmb
     A keyframe quantized with step s (``key_step``, (B,)) has its bits weighted by s: the slope of an
     L1 rate-distortion curve grows in proportion to the step, so each step is then the best point
     for its own slope, and the encoder has no reason to inflate its latent to serve coarse steps
-    (with one weight for all steps it did: 250 steps raised the unit step's bpp from 0.104 to 0.132)."""
+    (with one weight for all steps it did: 250 steps raised the unit step's bpp from 0.104 to 0.132).
+
+    With references decoded by another codec (``out.keyframe_likelihoods`` None) only the frame's
+    distortion and its token's rate remain: the reference is given, not learned."""
     pixels = x_cur.shape[-2] * x_cur.shape[-1]
 
     def distortion(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,8 +60,18 @@ def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmb
         return (1 - msssim_weight) * (x_hat - x).abs().mean() + msssim_weight * (1 - s.mean()), s
 
     d_cur, s_cur = distortion(out.x_hat, x_cur)
-    d_key, _ = distortion(out.x_ref_hat, x_ref)
     bpp_token = bits(out.token_likelihoods).mean() / pixels
+    if out.keyframe_likelihoods is None:  # references decoded by another codec (AV1): nothing to code here
+        return LossTerms(
+            loss=d_cur + lmbda_token * bpp_token,
+            distortion=d_cur.detach(),
+            psnr=psnr(out.x_hat.detach(), x_cur).mean().item(),
+            msssim=s_cur.detach().mean().item(),
+            key_psnr=math.nan,  # not measured: no keyframe is decoded by the model
+            bpp_token=bpp_token.item(),
+            bpp_key=0.0,
+        )
+    d_key, _ = distortion(out.x_ref_hat, x_ref)
     key_bits = bits(out.keyframe_likelihoods) + bits(out.ref_token_likelihoods)
     bpp_key = key_bits.mean() / pixels
     key_rate = bpp_key if key_step is None else (key_bits * key_step).mean() / pixels

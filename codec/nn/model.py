@@ -13,6 +13,10 @@ Tokens are coded as integer-lattice deltas from the previous decoded token (the 
 keyframe starts each chain, coded on its own), with a learned quantization step per dimension.
 Everything that depends only on the reference (f_r, m_r, keys and values) lives in a
 ``Reference`` made once per keyframe; ``synthesize`` takes a bank of them.
+
+The references may also be pictures decoded by another codec (AV1, see `train/av1_refs.py`):
+``forward(..., decoded_refs=[...])`` then skips the learned keyframe codec, and each reference's
+token is E_T of its decoded picture, which the decoder computes itself (no bits).
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ class RDOutput:
     """What a training step needs: reconstructions and the likelihoods that give the rate."""
 
     x_hat: Tensor  # (B, 3, H, W) current frame
-    x_ref_hat: Tensor  # (B, 3, H, W) decoded keyframe
+    x_ref_hat: Tensor  # (B, 3, H, W) decoded keyframe (with decoded_refs: the newest of them, as given)
     token_likelihoods: Tensor  # (B, d) current token, coded as a delta from the previous one
-    ref_token_likelihoods: Tensor  # (B, d) keyframe token, coded on its own
-    keyframe_likelihoods: Tensor  # (B, M, H/16, W/16)
+    # None with decoded_refs: the references are not coded by this model
+    ref_token_likelihoods: Tensor | None  # (B, d) keyframe token, coded on its own
+    keyframe_likelihoods: Tensor | None  # (B, M, H/16, W/16)
 
 
 @dataclass
@@ -87,6 +92,12 @@ class IMFCodec(CompressionModel):
         m_r = self.token_decoder(t_hat, x_ref_hat.shape[-2:])
         return Reference(x_ref_hat, t_hat, self.alignment.prepare(x_ref_hat, f_r, m_r))
 
+    def reference_from_picture(self, x_hat: Tensor) -> Reference:
+        """A reference picture decoded by another codec (AV1) (B, 3, H, W) -> Reference, its token E_T
+        of the picture rounded to the lattice (as `forward_decoded_refs` does in eval): both sides of
+        a call hold the picture, so the token is computed, not sent."""
+        return self.reference(x_hat, self.token_symbols(x_hat).round())
+
     def synthesize(self, u_hat: Tensor, bank: Sequence[Reference]) -> Tensor:
         """Quantized token symbols (B, d) and a bank of references -> x_hat (B, 3, H, W)."""
         t_hat = u_hat * self.token_log_step.exp()
@@ -96,12 +107,19 @@ class IMFCodec(CompressionModel):
         return self.frame_decoder(aligned, warped)
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, x_ref: Tensor, x_prev: Tensor, x_cur: Tensor, key_step: Tensor | None = None) -> RDOutput:
+    def forward(self, x_ref: Tensor | None, x_prev: Tensor, x_cur: Tensor, key_step: Tensor | None = None,
+                decoded_refs: Sequence[Tensor] | None = None) -> RDOutput:
         """Frames (B, 3, H, W) in [0, 1]: a keyframe, the frame before the current one, the current one.
         ``key_step`` (B,): the keyframes' quantization steps (default: the unit step).
+        ``decoded_refs``: instead of a keyframe (``x_ref`` None), a bank of reference pictures already
+        decoded by another codec (e.g. AV1), oldest first, each (B, 3, H, W); see `forward_decoded_refs`.
 
         Quantization is replaced by additive uniform noise (the EntropyBottleneck's training mode).
         """
+        if decoded_refs is not None:
+            if x_ref is not None:
+                raise ValueError("give either a keyframe x_ref or decoded_refs, not both")
+            return self.forward_decoded_refs(decoded_refs, x_prev, x_cur)
         key = self.keyframe_codec(x_ref, key_step)
         u_ref, u_prev, u_cur = self.token_symbols(torch.cat([x_ref, x_prev, x_cur])).chunk(3)
         u_ref_hat, ref_token_likelihoods = self.token_prior(u_ref[..., None])
@@ -115,6 +133,28 @@ class IMFCodec(CompressionModel):
             token_likelihoods=token_likelihoods[..., 0],
             ref_token_likelihoods=ref_token_likelihoods[..., 0],
             keyframe_likelihoods=key.likelihoods,
+        )
+
+    def forward_decoded_refs(self, refs: Sequence[Tensor], x_prev: Tensor, x_cur: Tensor) -> RDOutput:
+        """The AV1-reference regime: ``refs`` are decoded pictures (B, 3, H, W), oldest first, used as
+        the bank as they are. No keyframe is coded here, so there is no keyframe rate and no keyframe
+        reconstruction; each reference's token is E_T of its picture (quantized like any token, so
+        the token decoder sees what it was trained on), computed by the decoder itself, so it costs
+        no bits either. The current token is coded as a delta from the previous one, as in `forward`.
+        A sample with fewer real references can repeat one: a bank of two equal references attends
+        as one does (each reference's logits carry -log(bank size)), up to rounding."""
+        *u_refs, u_prev, u_cur = self.token_symbols(torch.cat([*refs, x_prev, x_cur])).chunk(len(refs) + 2)
+        u_refs_hat = [quantize_noise(r) if self.training else r.round() for r in u_refs]
+        u_prev_hat = quantize_noise(u_prev) if self.training else u_prev.round()
+        delta_hat, token_likelihoods = self.token_delta_prior((u_cur - u_prev_hat)[..., None])
+        u_cur_hat = u_prev_hat + delta_hat[..., 0]
+        bank = [self.reference(x, u_hat) for x, u_hat in zip(refs, u_refs_hat)]
+        return RDOutput(
+            x_hat=self.synthesize(u_cur_hat, bank),
+            x_ref_hat=refs[-1],
+            token_likelihoods=token_likelihoods[..., 0],
+            ref_token_likelihoods=None,
+            keyframe_likelihoods=None,
         )
 
     # -- coding ---------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""AV1-decoded references for training, precomputed once (issue: "A model trained for this regime").
+
+In the planned coding path SVT-AV1 codes every K-th frame as one continuous low-delay stream (each
+coded frame predicted from the previous coded one, K frames earlier in the video), libdav1d decodes
+it, and the decoded pictures are the model's references. Coding is far slower than a training step,
+so every cached clip is coded here once per CRF, with the anchors' own SVT-AV1 settings
+(`evaluation.anchors`: preset 8, pred-struct 1, one keyframe, scd 0), and the decoded pictures are
+saved next to the clips' cache:
+
+    OUT_DIR/{clip}_crf{C}.npy   (N, S, S, 3) uint8, the decoded frames 0, K, 2K, ... of the clip
+    OUT_DIR/{clip}_crf{C}.json  {"clip", "crf", "every", "indices", "bytes"}
+
+    python -m train.av1_refs ~/.cache/imfc/data/faces256 ~/.cache/imfc/data/av1refs --every 6 --crf 50 58 63
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from evaluation.anchors import Anchor, round_trip
+
+
+@dataclass(frozen=True)
+class RefsMeta:
+    clip: str
+    crf: int
+    every: int  # K: frames 0, K, 2K, ... of the clip are coded
+    indices: tuple[int, ...]  # the clip's frame index of each decoded picture
+    bytes: int  # the whole AV1 elementary stream
+
+
+def refs_path(out_dir: Path, clip: str, crf: int) -> Path:
+    return Path(out_dir) / f"{clip}_crf{crf}.npy"
+
+
+def code_references(frames: np.ndarray, every: int, crf: int, fps: Fraction) -> tuple[np.ndarray, RefsMeta]:
+    """Frames (T, S, S, 3) uint8 -> the decoded AV1 pictures of frames 0, K, 2K, ... (N, S, S, 3) and
+    their metadata (clip name left empty). ``fps``: the coded stream's rate, the clip's divided by K,
+    so the encoder sees the real time between its pictures."""
+    indices = tuple(range(0, len(frames), every))
+    result = round_trip(Anchor.SVTAV1, [np.ascontiguousarray(frames[i]) for i in indices], fps, crf)
+    return np.stack(result.frames), RefsMeta("", crf, every, indices, result.bytes)
+
+
+def clip_fps(cache_dir: Path, clip: str, default: float = 25.0) -> float:
+    """The source frame rate `imfc prepare-data` recorded beside the clip (``default`` where absent)."""
+    meta = Path(cache_dir) / f"{clip}.json"
+    return float(json.loads(meta.read_text()).get("fps", default)) if meta.exists() else default
+
+
+def precompute(cache_dir: Path, out_dir: Path, every: int, crfs: tuple[int, ...], clips: tuple[str, ...] | None = None,
+               progress: bool = True) -> list[RefsMeta]:
+    """Code every clip of ``cache_dir`` (or just ``clips``) at each CRF; files already there are kept,
+    so an interrupted run resumes. Each file is written under a temporary name and renamed, so a
+    reader never sees half a file."""
+    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = clips if clips is not None else tuple(sorted(p.stem for p in cache_dir.glob("*.npy")))
+    done = []
+    for name in tqdm([(n, c) for n in names for c in crfs], desc="av1 refs", unit="stream", disable=not progress):
+        clip, crf = name
+        path = refs_path(out_dir, clip, crf)
+        if path.exists() and path.with_suffix(".json").exists():
+            d = json.loads(path.with_suffix(".json").read_text())
+            if d["every"] != every:
+                raise ValueError(f"{path} holds every {d['every']}-th frame, asked for {every}: use another OUT_DIR")
+            done.append(RefsMeta(d["clip"], d["crf"], d["every"], tuple(d["indices"]), d["bytes"]))
+            continue
+        frames = np.load(cache_dir / f"{clip}.npy", mmap_mode="r")
+        fps = Fraction(clip_fps(cache_dir, clip) / every).limit_denominator(1001)
+        decoded, meta = code_references(frames, every, crf, fps)
+        meta = RefsMeta(clip, meta.crf, meta.every, meta.indices, meta.bytes)
+        tmp = path.with_name(path.stem + ".tmp.npy")
+        np.save(tmp, decoded)
+        tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps(asdict(meta)))
+        done.append(meta)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.av1_refs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("cache_dir", type=Path, help="clips cached by `imfc prepare-data`")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--every", type=int, default=6, help="K: code frames 0, K, 2K, ...")
+    parser.add_argument("--crf", type=int, nargs="+", default=[50, 58, 63])
+    parser.add_argument("--clips", nargs="*", default=None, help="only these clips (default: all in cache_dir)")
+    args = parser.parse_args(argv)
+    metas = precompute(args.cache_dir.expanduser(), args.out_dir.expanduser(), args.every, tuple(args.crf),
+                       tuple(args.clips) if args.clips else None)
+    for crf in args.crf:
+        sel = [m for m in metas if m.crf == crf]
+        pictures = sum(len(m.indices) for m in sel)
+        print(f"CRF {crf}: {len(sel)} clips, {pictures} pictures, {sum(m.bytes for m in sel) / max(1, pictures):.0f} "
+              "bytes per picture")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
