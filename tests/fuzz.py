@@ -41,6 +41,7 @@ from codec.pipeline import Encoder, EncoderSettings, pack_token_runs
 from codec.receiver import HISTORY, MAX_PARTIAL, SEQ_WINDOW, Receiver
 from codec.sender import Sender, SenderSettings
 from codec.video_io import to_tensor
+from entropy import bitstream
 from entropy import packet as pk
 from entropy.bitstream import (
     KEYFRAME_STEP_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, VERSION, ChunkType, Header, KeyframePayload,
@@ -94,12 +95,7 @@ def seed_call(model: IMFCodec, frames: int = 10) -> list[bytes]:
 # -- mutation helpers -----------------------------------------------------------------------------
 def varint(n: int, rng: random.Random) -> bytes:
     """n as LEB128: usually canonical, sometimes overlong or longer than a reader accepts."""
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n >> 7 else 0))
-        n >>= 7
-        if not n:
-            break
+    out = bytearray(bitstream._varint(n))
     roll = rng.random()
     if roll < 0.05:  # overlong: same value, padded
         out[-1] |= 0x80
@@ -163,13 +159,9 @@ class Parts:
     def to_bytes(self) -> bytes:
         out = bytearray(self.header.pack())
         for kind, payload in self.chunks:
-            head = bytes([kind]) + _leb128(len(payload))
+            head = bytes([kind]) + bitstream._varint(len(payload))  # framing stays canonical
             out += head + payload + struct.pack("<I", zlib.crc32(head + payload))
         return bytes(out)
-
-
-def _leb128(n: int) -> bytes:
-    return varint(n, random.Random(0))  # canonical: a chunk's own length is framing, not payload
 
 
 def mutate_payload(kind: int, payload: bytes, version: int, rng: random.Random) -> bytes:
@@ -194,6 +186,8 @@ def mutate_payload(kind: int, payload: bytes, version: int, rng: random.Random) 
 
 
 def _split_varint(data: bytes) -> tuple[int, bytes]:
+    """A varint read leniently (overlong forms too, unlike the reader under test), so that a mutant
+    whose run length was already made overlong can be mutated again."""
     value = 0
     for i, byte in enumerate(data[:4]):
         value |= (byte & 0x7F) << (7 * i)

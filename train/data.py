@@ -49,6 +49,24 @@ class ClipCache:
     def __len__(self) -> int:
         return len(self.clips)
 
+    @property
+    def weights(self) -> np.ndarray:
+        """How often samplers draw each clip: in proportion to the square root of its length."""
+        lengths = np.sqrt(np.array([len(c) for c in self.clips], dtype=np.float64))
+        return lengths / lengths.sum()
+
+
+class SeededSampler:
+    """A sampler's random stream, saved and restored with training checkpoints."""
+
+    rng: np.random.Generator
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
 
 def _to_float(frames: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255)
@@ -96,7 +114,7 @@ def resize(frames: Tensor, resolution: int) -> Tensor:
     return F.interpolate(frames, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
 
-class TripletSampler:
+class TripletSampler(SeededSampler):
     """Random (reference, previous, current) triplets: a random clip (weighted by sqrt of its length),
     a random reference frame and a current frame at a random distance; previous = current - 1.
     With probability ``near_share`` the current frame is at most ``near_distance`` frames after the
@@ -112,8 +130,7 @@ class TripletSampler:
         self.near_share = near_share
         self.near_distance = near_distance
         self.rng = np.random.default_rng(seed)
-        lengths = np.array([len(c) for c in cache.clips], dtype=np.float64)
-        self.weights = np.sqrt(lengths) / np.sqrt(lengths).sum()
+        self.weights = cache.weights
 
     def sample(self) -> Tensor:
         """-> (3, B, 3, R, R): reference, previous, current frames in [0, 1]."""
@@ -138,12 +155,6 @@ class TripletSampler:
             return ref, ref + distance
         ref, cur = self.rng.integers(0, length, size=2)
         return int(ref), int(cur)
-
-    def state(self) -> dict:
-        return self.rng.bit_generator.state
-
-    def load_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
 
 
 def _first_frame_triplets(cache: ClipCache, resolution: int, currents) -> Tensor:
@@ -190,7 +201,7 @@ class Av1RefCache:
         self.every = metas[0]["every"] if metas else 0
 
 
-class Av1TripletSampler:
+class Av1TripletSampler(SeededSampler):
     """Random samples of the AV1-reference regime: a clip (weighted by sqrt of its length), a CRF
     and one of its AV1-decoded pictures as the newest reference; the current frame 1 to
     ``max_distance`` frames after it, previous = current - 1 (the source frames); and the AV1
@@ -213,8 +224,7 @@ class Av1TripletSampler:
         self.camera_motion = camera_motion
         self.max_distance = max_distance
         self.rng = np.random.default_rng(seed)
-        lengths = np.array([len(c) for c in cache.clips], dtype=np.float64)
-        self.weights = np.sqrt(lengths) / np.sqrt(lengths).sum()
+        self.weights = cache.weights
 
     def sample(self) -> Tensor:
         out = []
@@ -236,12 +246,6 @@ class Av1TripletSampler:
         j = int(usable[self.rng.integers(len(usable))])
         distance = int(self.rng.integers(1, min(self.max_distance, length - 1 - int(indices[j])) + 1))
         return j, int(indices[j]) + distance
-
-    def state(self) -> dict:
-        return self.rng.bit_generator.state
-
-    def load_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
 
 
 def av1_validation_triplets(cache: ClipCache, refs: Av1RefCache, resolution: int, crf: int,
