@@ -112,7 +112,7 @@ def check_model(path: Path, header: Header, model: IMFCodec) -> None:
 
 def decode_file(src: Path, dst: Path, model: IMFCodec, upscale: bool = False, progress: bool = True,
                 max_frames: int = DEFAULT_MAX_FRAMES) -> DecodeSummary:
-    return decode_stream(src, read_bitstream(src, model, max_frames), dst, model, upscale, progress)
+    return decode_stream(src, read_file(src, max_frames), dst, model, upscale, progress)  # it checks the model
 
 
 def decode_stream(src: Path, stream: tuple[Header, list[Chunk]], dst: Path, model: IMFCodec,
