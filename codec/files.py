@@ -22,7 +22,9 @@ from codec.nn.model import IMFCodec
 from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import Box, FrameWriter, VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
-from entropy.bitstream import DEFAULT_MAX_FRAMES, MAX_FRAMES, BitstreamError, Chunk, ChunkType, Header, read_file, write_stream
+from entropy.bitstream import (
+    DEFAULT_MAX_FRAMES, MAX_FRAMES, REFERENCE_CHUNKS, BitstreamError, Chunk, Header, read_file, write_stream,
+)
 from entropy.coding import bits_to_kbps
 
 
@@ -68,10 +70,14 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     start = time.perf_counter()
     frames = read_frames(src, limit=max_frames)
     total = min(info.frames, max_frames or info.frames) or None
-    for frame in tqdm(frames, total=total, desc="encode", unit="frame", disable=None if progress else True, leave=False):
-        out = encoder.encode(to_tensor(crop_resize(frame, box, r)))
-        chunks.append(out.chunk)
-        quality.append(out.psnr)
+    try:
+        for frame in tqdm(frames, total=total, desc="encode", unit="frame", disable=None if progress else True,
+                          leave=False):
+            out = encoder.encode(to_tensor(crop_resize(frame, box, r)))
+            chunks.append(out.chunk)
+            quality.append(out.psnr)
+    finally:
+        encoder.close()
     if not chunks:
         raise VideoError(f"{src}: contains no frames")
     seconds = time.perf_counter() - start
@@ -81,7 +87,7 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     _write_atomic(dst, data)
     return EncodeSummary(
         frames=len(quality),
-        keyframes=sum(c.type == ChunkType.KEYFRAME for c in chunks),
+        keyframes=sum(c.type in REFERENCE_CHUNKS for c in chunks),
         bytes=len(data),
         kbps=bits_to_kbps(8 * len(data), len(quality), float(fps)),
         psnr=float(np.mean(quality)),

@@ -8,9 +8,16 @@ that picture (no token). Keyframes join a bank of at most ``bank_size`` referenc
 evicted) that the decoder mirrors. With a rate cap (``max_kbps``) the floor's keyframes also
 wait until a `KeyframeBudget` can pay for them.
 
+With ``keyframe_codec="av1"`` the references are instead one continuous AV1 stream
+(`codec.av1_reference`): a new reference every ``reference_interval`` frames, or, with a rate
+target (``kbps``), as soon as a `RateControl` bucket can pay for one. Every frame in between is a
+token frame or a repeat of the newest reference's picture, whichever costs less in distortion
+(MSE) + ``lmbda`` * bits; the synthesis is never shown where the held picture is closer.
+
 For files, `pack_token_runs` then recodes each run of token frames between keyframes as one
-rANS stream, and merges each run of repeats into one chunk (the per-frame chunks stay, for the
-streaming path that sends frames one by one).
+rANS stream, and merges each run of repeats into one chunk; an AV1 reference takes the frames
+after it into its own chunk (the per-frame chunks stay, for the streaming path that sends frames
+one by one).
 
 Frames are (1, 3, R, R) floats in [0, 1] at the model's resolution. Reconstructions are rounded
 to the 8-bit grid before they are used as references, so both sides keep identical references.
@@ -19,17 +26,22 @@ to the 8-bit grid before they are used as references, so both sides keep identic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from codec.av1_reference import CHEAP_INTRA, MAX_CRF, MIN_CRF, Quantizer, ReferenceDecoder, ReferenceEncoder, crf_for_kbps
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
+from codec.video_io import to_tensor, to_uint8
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, MAX_BANK, MAX_RUN_FRAMES, VERSION, BitstreamError, Chunk, ChunkType, KeyframePayload,
-    RepeatPayload, TokenRunPayload,
+    KEYFRAME_STEP_SINCE, MAX_BANK, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, BitstreamError, Chunk, ChunkType,
+    KeyframePayload, RepeatPayload, TokenRunPayload,
 )
+
+KEYFRAME_CODECS = ("learned", "av1")
 
 
 def to_8bit(x: Tensor) -> Tensor:
@@ -51,9 +63,22 @@ class EncoderSettings:
     max_kbps: float = 11.0  # 0: no cap; else the floor's keyframes wait for a KeyframeBudget at this rate
     repeat_keyframe: bool = True  # a frame closer to the newest keyframe's picture than to its synthesis repeats it
     keyframe_step: float = 2.0  # quantization step of keyframe images, one of KEYFRAME_STEPS: coarser, fewer bits
+    keyframe_codec: str = "learned"  # or "av1": references as one AV1 stream
+    # -- the AV1 reference stream
+    kbps: float = 0.0  # rate target: 0 for none (a reference every reference_interval frames at av1_crf)
+    reference_interval: int = 6  # frames from one AV1 reference to the next, without a rate target
+    av1_crf: int = 58  # SVT-AV1 CRF of the references, without a rate target
+    intra_interval: int = 1500  # frames between AV1 intra frames (60 s at 25 fps); 0: only the first
+    lmbda: float = 1e-6  # MSE per bit in the token-or-repeat decision
 
     def __post_init__(self) -> None:
         step_index(self.keyframe_step)
+        if self.keyframe_codec not in KEYFRAME_CODECS:
+            raise ValueError(f"keyframe codec must be one of {', '.join(KEYFRAME_CODECS)}, not {self.keyframe_codec!r}")
+        if not MIN_CRF <= self.av1_crf <= MAX_CRF:
+            raise ValueError(f"AV1 CRF must be {MIN_CRF} to {MAX_CRF}, not {self.av1_crf}")
+        if self.reference_interval < 1 or self.intra_interval < 0 or self.kbps < 0 or self.lmbda < 0:
+            raise ValueError("reference interval must be at least 1; intra interval, kbps and lambda not negative")
         if not 1 <= self.bank_size <= MAX_BANK:
             raise ValueError(f"bank size must be 1 to {MAX_BANK}, not {self.bank_size}")
         if self.max_keyframe_interval < 1:
@@ -127,19 +152,81 @@ def decode_keyframe(model: IMFCodec, payload: KeyframePayload, resolution: tuple
     return u_hat, to_8bit(model.keyframe_codec.decompress(payload.image, resolution, payload.step))
 
 
+class RateControl:
+    """A leaky bucket for a rate target. It fills at ``kbps``, holds at most ``window`` seconds of
+    it, starts in debt by what a file spends besides its frames (``STREAM_OVERHEAD_BITS``: header
+    and chunk framing), and pays for every frame at its cost once packed in a file. A new
+    reference is due when the bucket holds what the last inter references cost (a running mean);
+    a token frame needs its token's bits; otherwise the frame repeats the picture. The intra frame
+    is paid even into debt (at most ``INTRA_SECONDS`` of the rate: `Encoder` chooses the quantizer
+    so), and nothing but repeats follows until the debt is paid, so a clip's total stays at the
+    target as soon as the clip is longer than its intra frame's share."""
+
+    REFERENCE_GUESS = 800  # bits of an inter reference before one has been measured
+    INTRA_SECONDS = 3.0
+    STREAM_OVERHEAD_BITS = 8 * 66  # a 54-byte header, one chunk's 7 bytes of framing, its rANS flush
+
+    def __init__(self, kbps: float, fps: float, window: float = 1.0):
+        self.fill = 1000 * kbps / fps  # bits per frame
+        self.capacity = 1000 * kbps * window
+        self.level = -float(self.STREAM_OVERHEAD_BITS)
+        self.reference_bits = float(self.REFERENCE_GUESS)
+        self.intra_budget = 1000 * kbps * self.INTRA_SECONDS
+
+    def next_frame(self) -> None:
+        self.level = min(self.capacity, self.level + self.fill)
+
+    def affords(self, bits: float) -> bool:
+        return self.level >= bits
+
+    def pay(self, bits: float, reference: bool = False, intra: bool = False) -> None:
+        self.level -= bits
+        if reference and not intra:
+            self.reference_bits = 0.7 * self.reference_bits + 0.3 * bits
+
+
+# What an AV1 reference costs in a file besides its packet and token: its position and packet
+# length in the AV1_REFERENCES chunk (whose own framing a file pays once per 4,096 frames).
+AV1_CHUNK_OVERHEAD_BITS = 8 * 3
+RANS_FLUSH_BYTES = 6  # a token coded alone pays it; in a packed run it is paid once per chunk
+
+
+def packed_token_bits(data: bytes) -> int:
+    """Bits a token frame coded alone as ``data`` adds to a packed run of tokens (at least 1 byte)."""
+    return 8 * max(1, len(data) - RANS_FLUSH_BYTES)
+
+
+def mse(x_hat: Tensor, x: Tensor) -> float:
+    return (x_hat - x).square().mean().item()
+
+
 class Encoder:
     def __init__(self, model: IMFCodec, settings: EncoderSettings, fps: float = 25.0):
-        """``fps`` only matters with a rate cap: it turns kbps into bits per frame."""
+        """``fps`` turns kbps into bits per frame and times the AV1 reference stream."""
         self.model = model.eval()
         self.settings = settings
         self.state = CodecState()
         self.budget = KeyframeBudget(settings.max_kbps, fps)
+        self.av1: ReferenceEncoder | None = None
+        self.rate: RateControl | None = None
+        self.since_intra = 0
+        self.intra_requested = False  # set by a receiver's keyframe request: the next reference is intra
+        self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval  # about
+        if settings.keyframe_codec == "av1" and settings.kbps:
+            self.rate = RateControl(settings.kbps, fps)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:
+        if self.settings.keyframe_codec == "av1":
+            return self._encode_av1(x)
         out = self._encode(x)
         self.budget.pay(8 * len(out.chunk.payload), out.chunk.type == ChunkType.KEYFRAME)
         return out
+
+    def close(self) -> None:
+        """End the AV1 reference stream, if any (no frame may follow)."""
+        if self.av1 is not None:
+            self.av1.close()
 
     def _encode(self, x: Tensor) -> EncodedFrame:
         s, st = self.settings, self.state
@@ -160,23 +247,118 @@ class Encoder:
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
         return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
+    # -- the AV1 reference stream ---------------------------------------------------------------
+    def _encode_av1(self, x: Tensor) -> EncodedFrame:
+        s, st, rate = self.settings, self.state, self.rate
+        if rate:
+            rate.next_frame()
+        self.since_intra += 1
+        intra = not st.bank or self.intra_requested or (s.intra_interval and self.since_intra >= s.intra_interval)
+        if rate:
+            due = st.since_keyframe >= 1 and rate.affords(rate.reference_bits)
+        else:
+            due = st.since_keyframe + 1 >= s.reference_interval
+        if intra or due:
+            return self._av1_reference(x, bool(intra))
+        data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.u_prev_hat)
+        token_bits = packed_token_bits(data)
+        repeat_cost = mse(st.picture, x) + s.lmbda if s.repeat_keyframe else float("inf")
+        st.since_keyframe += 1
+        if not rate or rate.affords(token_bits):
+            x_hat = render(self.model, u_hat, st.bank)
+            if mse(x_hat, x) + s.lmbda * token_bits < repeat_cost:
+                st.u_prev_hat = u_hat
+                if rate:
+                    rate.pay(token_bits)
+                return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, psnr(x_hat, x))
+        if rate:
+            rate.pay(1)
+        return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, psnr(st.picture, x))
+
+    def _av1_reference(self, x: Tensor, intra: bool) -> EncodedFrame:
+        st = self.state
+        if self.av1 is None:
+            packet, picture = self._start_av1(to_uint8(x))
+        else:
+            packet, picture = self.av1.code(to_uint8(x), intra)
+        x_hat = to_tensor(picture)
+        u = self.model.token_symbols(x_hat)  # the token of the picture both sides hold, as in training
+        data, u_hat = self.model.compress_token(u, _chain_start(st, u))
+        add_reference(self.model, st, x_hat, u_hat, self.settings.bank_size)
+        if intra:
+            self.since_intra = 0
+            self.intra_requested = False
+        if self.rate:
+            self.rate.pay(8 * len(packet) + packed_token_bits(data) + AV1_CHUNK_OVERHEAD_BITS, True, intra)
+        payload = Av1ReferencesPayload(1, ((0, packet),), (), data)
+        return EncodedFrame(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()), x_hat, psnr(x_hat, x))
+
+
+    def _start_av1(self, picture) -> tuple[bytes, object]:
+        """The first reference: with a rate target, the AV1 stream takes CRF mode at crf_for_kbps,
+        or where that intra frame would cost more than RateControl.intra_budget, the first of
+        CHEAP_INTRA whose intra frame fits (the cheapest if none)."""
+        if self.rate is None:
+            ladder = [Quantizer(self.settings.av1_crf)]
+        else:
+            ladder = [Quantizer(crf_for_kbps(self.settings.kbps)), *CHEAP_INTRA]
+        for i, quantizer in enumerate(ladder):
+            self.av1 = ReferenceEncoder(self.model.cfg.resolution, self.av1_fps, quantizer)
+            packet, decoded = self.av1.code(picture, intra=True)
+            if i == len(ladder) - 1 or 8 * len(packet) <= self.rate.intra_budget:
+                return packet, decoded
+            self.av1.close()
+        raise AssertionError("unreachable")
+
+
+def _chain_start(state: CodecState, u: Tensor) -> Tensor:
+    """What an AV1 reference's token is coded from: the last token, or zero at a stream's start."""
+    return state.u_prev_hat if state.u_prev_hat is not None else torch.zeros_like(u)
+
 
 def pack_token_runs(model: IMFCodec, chunks: list[Chunk]) -> list[Chunk]:
     """Each run of FRAME chunks -> one TOKEN_RUN chunk with the same token deltas, so the run pays
     the rANS flush and the chunk framing once (a token frame's ~2 bytes of information came with
-    ~12 bytes of both); each run of REPEAT chunks -> one REPEAT of all their frames. Runs longer
-    than MAX_RUN_FRAMES (only with a keyframe interval above it) continue in a new chunk."""
+    ~12 bytes of both); each run of REPEAT chunks -> one REPEAT of all their frames. From an
+    AV1_REFERENCES chunk on, the AV1 references and the FRAME and REPEAT chunks between them go
+    into one AV1_REFERENCES chunk, their deltas into its one token stream. Runs longer than
+    MAX_RUN_FRAMES continue in a new chunk."""
     out: list[Chunk] = []
     run: list[Tensor] = []
+    group: dict = {}  # the open AV1_REFERENCES chunk: frames, references, modes, deltas
 
     def flush() -> None:
         if run:
             payload = TokenRunPayload(len(run), model.compress_deltas(torch.cat(run)))
             out.append(Chunk(ChunkType.TOKEN_RUN, payload.to_bytes()))
             run.clear()
+        if group:
+            payload = Av1ReferencesPayload(group["frames"], tuple(group["references"]), tuple(group["modes"]),
+                                           model.compress_deltas(torch.cat(group["deltas"])))
+            out.append(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()))
+            group.clear()
 
     for chunk in chunks:
+        if chunk.type == ChunkType.AV1_REFERENCES:
+            p = Av1ReferencesPayload.from_bytes(chunk.payload)
+            if not group or group["frames"] + p.frames > MAX_RUN_FRAMES:
+                flush()
+                group.update(frames=0, references=[], modes=[], deltas=[])
+            group["references"] += [(group["frames"] + i, packet) for i, packet in p.references]
+            group["modes"] += p.modes
+            group["deltas"].append(model.decompress_deltas(p.tokens, p.token_count))
+            group["frames"] += p.frames
+            continue
+        if group and chunk.type in (ChunkType.FRAME, ChunkType.REPEAT) and group["frames"] + chunk.frames <= MAX_RUN_FRAMES:
+            token = chunk.type == ChunkType.FRAME
+            group["modes"] += [token] * chunk.frames
+            if token:
+                group["deltas"].append(model.decompress_deltas(chunk.payload, 1))
+            group["frames"] += chunk.frames
+            continue
         if chunk.type == ChunkType.FRAME:
+            if group:
+                flush()
             run.append(model.decompress_deltas(chunk.payload, 1))  # the exact quantized delta
             if len(run) == MAX_RUN_FRAMES:
                 flush()
@@ -213,6 +395,7 @@ class Decoder:
         self.resolution = resolution
         self.bank_size = bank_size
         self.state = CodecState()
+        self.av1: ReferenceDecoder | None = None  # made at the first AV1 reference
 
     def decode_frames(self, chunk: Chunk) -> Iterator[Tensor]:
         """Any chunk -> its frames, (1, 3, R, R) each, one at a time (a run of 250 frames held at once
@@ -220,6 +403,9 @@ class Decoder:
         if chunk.type == ChunkType.REPEAT:
             for _ in range(chunk.frames):
                 yield self._repeat()
+            return
+        if chunk.type == ChunkType.AV1_REFERENCES:
+            yield from self._av1_references(Av1ReferencesPayload.from_bytes(chunk.payload))
             return
         if chunk.type != ChunkType.TOKEN_RUN:
             yield self.decode(chunk)
@@ -238,10 +424,12 @@ class Decoder:
         """A keyframe or token frame chunk -> (1, 3, R, R) frame. Raises BitstreamError on a payload that
         cannot be decoded."""
         st = self.state
-        if chunk.type == ChunkType.TOKEN_RUN or (chunk.type == ChunkType.REPEAT and chunk.frames > 1):
+        if chunk.type in (ChunkType.TOKEN_RUN, ChunkType.REPEAT, ChunkType.AV1_REFERENCES) and chunk.frames > 1:
             raise BitstreamError("a run holds several frames: decode it with decode_frames")
         if chunk.type == ChunkType.REPEAT:
             return self._repeat()
+        if chunk.type == ChunkType.AV1_REFERENCES:
+            return next(self.decode_frames(chunk))
         if chunk.type == ChunkType.KEYFRAME:
             u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload, self.keyframe_steps), self.resolution)
             add_reference(self.model, st, x_hat, u_hat, self.bank_size)
@@ -249,6 +437,24 @@ class Decoder:
         if not st.bank:
             raise BitstreamError("a frame before any keyframe")
         return self._token_frame(self.model.decompress_deltas(chunk.payload, 1))
+
+    def _av1_references(self, payload: Av1ReferencesPayload) -> Iterator[Tensor]:
+        st = self.state
+        if self.av1 is None:
+            self.av1 = ReferenceDecoder(self.resolution[0])
+        with torch.no_grad():
+            deltas = iter(self.model.decompress_deltas(payload.tokens, payload.token_count))
+        references = dict(payload.references)
+        modes = iter(payload.modes)
+        for i in range(payload.frames):
+            with torch.no_grad():
+                if i in references:
+                    x_hat = to_tensor(self.av1.decode(references[i]))
+                    delta = next(deltas)[None]
+                    add_reference(self.model, st, x_hat, _chain_start(st, delta) + delta, self.bank_size)
+                    yield x_hat
+                else:
+                    yield self._token_frame(next(deltas)[None]) if next(modes) else self._repeat()
 
     def _repeat(self) -> Tensor:
         st = self.state

@@ -1,5 +1,6 @@
 """The .imfc container: a header, then self-delimiting chunks (a keyframe, a run of token frames,
-or a run of repeats of the newest keyframe's picture). See docs/bitstream.md.
+a run of repeats of the newest keyframe's picture, or a run of frames whose references are
+AV1-coded pictures). See docs/bitstream.md.
 
     file   = header chunk*
     header = "IMFC" version:u8 length:u16 fields[length] crc32:u32
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 MAGIC = b"IMFC"
-VERSION = 4  # 2 added token runs, 3 repeats, 4 keyframe quantization steps; older streams still read
+VERSION = 5  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references; older streams still read
 KEYFRAME_STEP_SINCE = 4
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
@@ -46,9 +47,11 @@ class ChunkType(IntEnum):
     FRAME = 2  # a token, coded as a delta from the previous frame's token
     TOKEN_RUN = 3  # the tokens of consecutive frames, each a delta from the one before, in one rANS stream
     REPEAT = 4  # consecutive frames that show the newest keyframe's picture again (no token)
+    AV1_REFERENCES = 5  # frames whose references are AV1 packets: the packets, the tokens, the repeats
 
 
-SINCE_VERSION = {ChunkType.TOKEN_RUN: 2, ChunkType.REPEAT: 3}  # chunk types newer than version 1
+SINCE_VERSION = {ChunkType.TOKEN_RUN: 2, ChunkType.REPEAT: 3, ChunkType.AV1_REFERENCES: 5}  # newer than version 1
+REFERENCE_CHUNKS = (ChunkType.KEYFRAME, ChunkType.AV1_REFERENCES)  # the chunks that start a stream
 
 
 _HEADER_FIELDS = struct.Struct("<8sHHIIIBHHHHH")
@@ -180,6 +183,8 @@ class Chunk:
             return TokenRunPayload.from_bytes(self.payload).frames
         if self.type == ChunkType.REPEAT:
             return RepeatPayload.from_bytes(self.payload).frames
+        if self.type == ChunkType.AV1_REFERENCES:
+            return Av1ReferencesPayload.from_bytes(self.payload).frames
         return 1
 
     def to_bytes(self) -> bytes:
@@ -284,6 +289,77 @@ class RepeatPayload:
         return RepeatPayload(n)
 
 
+@dataclass(frozen=True)
+class Av1ReferencesPayload:
+    """Consecutive frames whose references are AV1-coded pictures: a file holds one such chunk per
+    4,096 frames, so a reference pays 2 bytes of framing, not a chunk's 14.
+
+    Frame 0 is a reference. A reference frame shows its decoded picture; any other frame either
+    synthesizes from a token (its ``modes`` flag is True) or repeats the newest reference's picture
+    (False). ``tokens`` is one rANS stream of the token deltas of every reference and token frame,
+    in frame order, each from the token before (a reference's token is that of its picture)."""
+
+    frames: int
+    references: tuple[tuple[int, bytes], ...]  # (frame index, AV1 packet), in order, the first at 0
+    modes: tuple[bool, ...]  # one per frame that is not a reference: True for a token frame
+    tokens: bytes
+
+    @property
+    def token_count(self) -> int:
+        return len(self.references) + sum(self.modes)
+
+    def to_bytes(self) -> bytes:
+        positions = [i for i, _ in self.references]
+        if (not self.references or positions[0] != 0 or positions != sorted(set(positions)) or positions[-1] >= self.frames
+                or len(self.modes) != self.frames - len(positions) or self.frames > MAX_RUN_FRAMES
+                or not all(p for _, p in self.references)):
+            raise ValueError("malformed AV1 references payload")
+        out = bytearray(_varint(self.frames) + _varint(len(self.references)))
+        previous = 0
+        for i, packet in self.references:
+            out += _varint(i - previous) + _varint(len(packet)) + packet
+            previous = i
+        bits = bytearray((len(self.modes) + 7) // 8)
+        for i, token in enumerate(self.modes):
+            bits[i // 8] |= token << (i % 8)
+        return bytes(out + bits) + self.tokens
+
+    @staticmethod
+    def from_bytes(payload: bytes) -> "Av1ReferencesPayload":
+        def bad(what: str) -> BitstreamError:
+            return BitstreamError(f"malformed AV1 references ({what})")
+
+        frames, pos = _read_varint(payload, 0)
+        if not 1 <= frames <= MAX_RUN_FRAMES:
+            raise BitstreamError(f"AV1 references over {frames} frames (1 to {MAX_RUN_FRAMES})")
+        count, pos = _read_varint(payload, pos)
+        if not 1 <= count <= frames:
+            raise bad(f"{count} references in {frames} frames")
+        references, index = [], 0
+        for k in range(count):
+            gap, pos = _read_varint(payload, pos)
+            if (gap == 0) != (k == 0) or index + gap >= frames:
+                raise bad("reference positions")
+            index += gap
+            n, pos = _read_varint(payload, pos)
+            if n == 0 or pos + n > len(payload):
+                raise bad("packet length")
+            references.append((index, payload[pos:pos + n]))
+            pos += n
+        others = frames - count
+        width = (others + 7) // 8
+        bits = payload[pos:pos + width]
+        if len(bits) < width:
+            raise bad("truncated frame modes")
+        if width and bits[-1] >> (others % 8 or 8):
+            raise bad("frame mode bits past its frames")
+        tokens = payload[pos + width:]
+        if not tokens:
+            raise bad("no tokens")
+        modes = tuple(bool(bits[i // 8] >> (i % 8) & 1) for i in range(others))
+        return Av1ReferencesPayload(frames, tuple(references), modes, tokens)
+
+
 def write_stream(header: Header, chunks: list[Chunk]) -> bytes:
     return header.to_bytes() + b"".join(c.to_bytes() for c in chunks)
 
@@ -297,7 +373,7 @@ def read_stream(data: bytes) -> tuple[Header, list[Chunk]]:
         try:
             if header.version < SINCE_VERSION.get(c.type, 1):
                 raise BitstreamError(f"a {c.type.name.lower().replace('_', ' ')} in a version {header.version} stream")
-            if i == 0 and c.type != ChunkType.KEYFRAME:
+            if i == 0 and c.type not in REFERENCE_CHUNKS:
                 raise BitstreamError("a stream must start with a keyframe")
             if c.type == ChunkType.KEYFRAME:
                 KeyframePayload.from_bytes(c.payload, header.version >= KEYFRAME_STEP_SINCE)

@@ -25,7 +25,7 @@ from codec.nn.model import IMFCodec
 from codec.pipeline import Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
-from entropy.bitstream import ChunkType, Header, write_stream
+from entropy.bitstream import REFERENCE_CHUNKS, Header, write_stream
 from entropy.coding import bits_to_kbps
 
 IMFC = "imfc"
@@ -112,6 +112,9 @@ def load_clip(path: Path, resolution: int, frames: int) -> Clip:
 
 
 def imfc_setting(s: EncoderSettings) -> str:
+    if s.keyframe_codec == "av1":
+        rate = f"{s.kbps:g} kbps target" if s.kbps else f"every {s.reference_interval}, crf {s.av1_crf}"
+        return f"av1 references, {rate}"
     cap = f", cap {s.max_kbps:g} kbps" if s.max_kbps > 0 else ""
     repeat = "" if s.repeat_keyframe else ", no repeats"
     step = f", key step {s.keyframe_step:g}"
@@ -123,13 +126,16 @@ def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[i
     encoder = Encoder(model, settings, float(clip.fps))
     r = model.cfg.resolution
     start = time.perf_counter()
-    coded = [encoder.encode(to_tensor(f)) for f in clip.frames]
+    try:
+        coded = [encoder.encode(to_tensor(f)) for f in clip.frames]
+    finally:
+        encoder.close()
     seconds = time.perf_counter() - start
     header = Header(preset=model.cfg.name, model_id=model_id(model), width=r, height=r,
                     fps_num=clip.fps.numerator, fps_den=clip.fps.denominator, frames=len(coded),
                     bank_size=settings.bank_size, source_width=r, source_height=r, crop_left=0, crop_top=0, crop_size=r)
     size = len(write_stream(header, pack_token_runs(model, [c.chunk for c in coded])))
-    keyframes = sum(c.chunk.type == ChunkType.KEYFRAME for c in coded)
+    keyframes = sum(c.chunk.type in REFERENCE_CHUNKS for c in coded)
     return size, keyframes, np.array([to_uint8(c.x_hat) for c in coded]), len(coded) / seconds
 
 

@@ -44,8 +44,8 @@ from codec.video_io import to_tensor
 from entropy import bitstream
 from entropy import packet as pk
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, VERSION, ChunkType, Header, KeyframePayload,
-    read_file, read_stream, write_stream,
+    KEYFRAME_STEP_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, ChunkType, Header,
+    KeyframePayload, read_file, read_stream, write_stream,
 )
 from tests.conftest import moving_square_clip
 from tools.errors import is_user_error
@@ -65,16 +65,19 @@ def fuzz_model(seed: int = 1) -> IMFCodec:
 
 def seed_streams(model: IMFCodec, frames: int = 10) -> list[bytes]:
     """Real .imfc streams of a drifting square: with and without repeats, keyframe steps 2 and 1,
-    token runs and (unpacked) single token frames."""
+    token runs and (unpacked) single token frames, and AV1 references (packed and one a frame)."""
     r = model.cfg.resolution
     clip = [to_tensor(f) for f in moving_square_clip(frames, r, seed=3)]
     out = []
     for settings, packed in ((EncoderSettings(quality_floor=0, max_keyframe_interval=4, max_kbps=0), True),
                              (EncoderSettings(quality_floor=0, max_keyframe_interval=6, max_kbps=0,
                                               repeat_keyframe=False, keyframe_step=1.0, bank_size=3), True),
-                             (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False)):
+                             (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False),
+                             (EncoderSettings(keyframe_codec="av1", reference_interval=3, av1_crf=55), True),
+                             (EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=60), False)):
         encoder = Encoder(model, settings)
         chunks = [encoder.encode(x).chunk for x in clip]
+        encoder.close()
         header = Header(model.cfg.name, model_id(model), r, r, 25, 1, frames, settings.bank_size, 320, 240, 40, 0, 240)
         out.append(write_stream(header, pack_token_runs(model, chunks) if packed else chunks))
     return out
@@ -180,9 +183,41 @@ def mutate_payload(kind: int, payload: bytes, version: int, rng: random.Random) 
             if rng.random() < 0.6:
                 return varint(interesting(rng, n, 28), rng) + rest
             return varint(n, rng) + mutate_bytes(rest, rng)
+        if kind == ChunkType.AV1_REFERENCES:
+            return mutate_av1_references(Av1ReferencesPayload.from_bytes(payload), rng)
     except Exception:  # the payload is already damaged: damage it further as bytes
         pass
     return mutate_bytes(payload, rng)
+
+
+def mutate_av1_references(p: Av1ReferencesPayload, rng: random.Random) -> bytes:
+    """One field of an AV1_REFERENCES payload: its frame count, a reference's gap or packet (its
+    bytes, or one swapped for another's: a picture out of its place in the AV1 stream), the mode
+    bits or the token stream; the rest written as it was."""
+    refs = [list(r) for r in p.references]
+    frames, modes, tokens = p.frames, list(p.modes), p.tokens
+    part = rng.choice(["frames", "gap", "packet", "swap", "modes", "tokens"])
+    k = rng.randrange(len(refs))
+    if part == "packet":
+        refs[k][1] = mutate_bytes(refs[k][1], rng)
+    elif part == "swap":
+        j = rng.randrange(len(refs))
+        refs[k][1], refs[j][1] = refs[j][1], refs[k][1]
+    elif part == "modes":
+        modes = [rng.random() < 0.5 for _ in modes]
+    elif part == "tokens":
+        tokens = mutate_bytes(tokens, rng)
+    frames = interesting(rng, frames, 13) if part == "frames" else frames
+    gaps = [i - (refs[n - 1][0] if n else 0) for n, (i, _) in enumerate(refs)]
+    if part == "gap":
+        gaps[k] = interesting(rng, gaps[k], 13)
+    out = bytearray(varint(frames, rng) + varint(len(refs), rng))
+    for gap, (_, packet) in zip(gaps, refs):
+        out += varint(gap, rng) + varint(len(packet), rng) + packet
+    bits = bytearray((len(modes) + 7) // 8)
+    for i, token in enumerate(modes):
+        bits[i // 8] |= token << (i % 8)
+    return bytes(out + bits) + tokens
 
 
 def _split_varint(data: bytes) -> tuple[int, bytes]:
@@ -199,7 +234,7 @@ def _split_varint(data: bytes) -> tuple[int, bytes]:
 def chunk_frames(kind: int, payload: bytes) -> int:
     """How many frames a chunk claims (0 where it cannot say): to keep the header consistent."""
     try:
-        if kind in (ChunkType.TOKEN_RUN, ChunkType.REPEAT):
+        if kind in (ChunkType.TOKEN_RUN, ChunkType.REPEAT, ChunkType.AV1_REFERENCES):
             return _split_varint(payload)[0]
         return 1 if kind in (ChunkType.KEYFRAME, ChunkType.FRAME) else 0
     except ValueError:

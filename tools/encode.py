@@ -10,7 +10,7 @@ import torch
 
 from codec.files import encode_file
 from codec.nn.keyframe_codec import KEYFRAME_STEPS
-from codec.pipeline import EncoderSettings
+from codec.pipeline import KEYFRAME_CODECS, EncoderSettings
 from codec.video_io import Box
 from codec.nn.weights import load_weights
 from tools.errors import run
@@ -43,6 +43,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="quantization step of keyframe images: coarser is cheaper and blurrier (default %(default)s)")
     parser.add_argument("--no-repeat", action="store_true",
                         help="synthesize every token frame, even where repeating the newest keyframe's picture is closer")
+    parser.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default=None,
+                        help="how references are coded: the learned keyframe codec, or one AV1 stream (SVT-AV1 "
+                             "low delay, decoded by libdav1d) (default: av1 with --kbps, else %s)" % defaults.keyframe_codec)
+    parser.add_argument("--kbps", type=float, default=0.0,
+                        help="rate target in kbps, every byte counted (AV1 references: a rate control spends it; "
+                             "learned keyframes: the --max-kbps cap)")
+    parser.add_argument("--av1-crf", type=int, default=defaults.av1_crf,
+                        help="AV1 references without --kbps: their SVT-AV1 CRF, 1-63 (default %(default)s)")
+    parser.add_argument("--reference-interval", type=int, default=defaults.reference_interval,
+                        help="AV1 references without --kbps: frames from one to the next (default %(default)s)")
+    parser.add_argument("--intra-interval", type=int, default=defaults.intra_interval,
+                        help="AV1 references: frames between intra frames, 0 for only the first (default %(default)s)")
     parser.add_argument("--bank-size", type=int, default=defaults.bank_size,
                         help="reference frames the decoder keeps (default %(default)s)")
     parser.add_argument("--frames", type=int, default=None, help="encode at most this many frames")
@@ -53,15 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    if args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8 or args.max_kbps < 0:
-        parser.error("--max-keyframe-interval must be >= 1, --bank-size in 1..8 and --max-kbps >= 0")
+    if args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8 or args.max_kbps < 0 or args.kbps < 0:
+        parser.error("--max-keyframe-interval must be >= 1, --bank-size in 1..8, --max-kbps and --kbps >= 0")
+    codec = args.keyframe_codec or ("av1" if args.kbps else defaults.keyframe_codec)
+    try:
+        settings = EncoderSettings(
+            args.quality_floor, args.max_keyframe_interval, args.bank_size,
+            args.kbps if args.kbps and codec == "learned" else args.max_kbps,
+            repeat_keyframe=not args.no_repeat, keyframe_step=args.keyframe_step, keyframe_codec=codec,
+            kbps=args.kbps if codec == "av1" else 0.0, reference_interval=args.reference_interval,
+            av1_crf=args.av1_crf, intra_interval=args.intra_interval)
+    except ValueError as e:
+        parser.error(str(e))
 
     def action() -> int:
         model = load_weights(args.weights)
-        settings = EncoderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size, args.max_kbps,
-                                   repeat_keyframe=not args.no_repeat, keyframe_step=args.keyframe_step)
         s = encode_file(args.input, args.output, model, settings, args.crop, args.frames, progress=not args.quiet)
-        print(f"{args.output}: {s.frames} frames, {s.keyframes} keyframes, {s.bytes} bytes, {s.kbps:.2f} kbps, "
+        print(f"{args.output}: {s.frames} frames, {s.keyframes} {'references' if codec == 'av1' else 'keyframes'}, {s.bytes} bytes, {s.kbps:.2f} kbps, "
               f"PSNR {s.psnr:.2f} dB, {s.fps:.1f} fps")
         return 0
 

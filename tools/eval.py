@@ -37,6 +37,13 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def imfc_point(text: str) -> EncoderSettings:
     floor, keyint, *rest = text.split(":")
     if len(rest) > 2:
@@ -95,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"SVT-AV1 at this size, upscaled back (default {small}; 0 to skip)")
     parser.add_argument("--small-crf", type=int_list, default=small_crf,
                         help=f"CRFs of the small anchor (default {','.join(map(str, small_crf))})")
+    parser.add_argument("--kbps", type=float_list, default=(),
+                        help="imfc with AV1 references at these rate targets (imfc encode --kbps), instead of "
+                             "--imfc-points, e.g. 1.5,2,3,4,6,8")
     parser.add_argument("--no-repeat", action="store_true",
                         help="imfc synthesizes every token frame, never repeating a keyframe's picture")
     parser.add_argument("--no-vmaf", action="store_true", help="skip VMAF (scored NaN)")
@@ -116,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
     reduced = [(Anchor.SVTAV1, Reduced(every=k), args.held_crf) for k in args.held if args.held_crf]
     reduced += [(Anchor.SVTAV1, Reduced(size=args.small), args.small_crf)] if args.small and args.small_crf else []
-    imfc = [replace(p, repeat_keyframe=not args.no_repeat) for p in args.imfc_points]
+    if any(r <= 0 for r in args.kbps):
+        parser.error("--kbps values must be positive")
+    points = [EncoderSettings(keyframe_codec="av1", kbps=r) for r in args.kbps] or args.imfc_points
+    imfc = [replace(p, repeat_keyframe=not args.no_repeat) for p in points]
 
     def action() -> int:
         for clip in args.clips:  # every input checked before any work or output

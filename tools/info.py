@@ -10,13 +10,51 @@ from collections import Counter
 
 from codec.files import read_bitstream
 from codec.nn.keyframe_codec import KEYFRAME_STEPS
-from entropy.bitstream import KEYFRAME_STEP_SINCE, ChunkType, KeyframePayload
+from entropy.bitstream import KEYFRAME_STEP_SINCE, Av1ReferencesPayload, ChunkType, KeyframePayload
 from entropy.coding import bits_to_kbps
 from tools.errors import run
 
 
 def step_name(index: int) -> str:
     return f"{KEYFRAME_STEPS[index]:g}" if index < len(KEYFRAME_STEPS) else f"index {index} (unknown)"
+
+
+def has_sequence_header(packet: bytes) -> bool:
+    """Whether an AV1 packet (low-overhead OBU format) holds a sequence header OBU, as SVT-AV1's
+    intra frames do: OBU type 1 in each OBU's header byte, sizes as LEB128 after it."""
+    pos = 0
+    while pos < len(packet):
+        header = packet[pos]
+        if (header >> 3) & 0xF == 1:
+            return True
+        pos += 2 if header & 0x4 else 1  # the extension byte
+        if not header & 0x2:  # no size field: the OBU runs to the end
+            return False
+        size, shift = 0, 0
+        while pos < len(packet):
+            byte = packet[pos]
+            size |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if not byte & 0x80:
+                break
+        pos += size
+    return False
+
+
+def av1_split(chunks: list) -> list[str]:
+    """The AV1_REFERENCES chunks' bytes: pictures, tokens, and the rest (framing, positions, modes)."""
+    payloads = [Av1ReferencesPayload.from_bytes(c.payload) for c in chunks]
+    packets = [p for payload in payloads for _, p in payload.references]
+    total = sum(len(c.to_bytes()) for c in chunks)
+    pictures = sum(map(len, packets))
+    tokens = sum(len(p.tokens) for p in payloads)
+    intra = sum(map(has_sequence_header, packets))
+    token_frames = sum(sum(p.modes) for p in payloads)
+    repeats = sum(len(p.modes) - sum(p.modes) for p in payloads)
+    return [f"AV1 references: {len(packets)} pictures ({intra} intra), {pictures} bytes"
+            + (f" ({pictures / len(packets):.0f} per picture)" if packets else ""),
+            f"  tokens of {len(packets)} references and {token_frames} token frames: {tokens} bytes; "
+            f"{repeats} repeats; framing, positions and frame modes: {total - pictures - tokens} bytes"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = sum(c.type == ChunkType.TOKEN_RUN for c in frame)
         print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "") + f", {frame_bytes} bytes"
               + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
+        av1 = [c for c in chunks if c.type == ChunkType.AV1_REFERENCES]
+        if av1:
+            print("\n".join(av1_split(av1)))
         if repeat:
             print(f"repeats of a keyframe's picture: {sum(c.frames for c in repeat)} frames in {len(repeat)} "
                   f"run{'s' if len(repeat) > 1 else ''}, {sum(len(c.to_bytes()) for c in repeat)} bytes")
@@ -51,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(token frames alone {bits_to_kbps(8 * frame_bytes, h.frames, fps):.2f} kbps)")
         if args.chunks:
             for i, c in enumerate(chunks):
-                print(f"{i:6d} {c.type.name:<9} {c.frames:5d} frames {len(c.to_bytes()):7d} bytes")
+                print(f"{i:6d} {c.type.name:<14} {c.frames:5d} frames {len(c.to_bytes()):7d} bytes")
         return 0
 
     return run("imfc info", action)

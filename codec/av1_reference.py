@@ -1,0 +1,160 @@
+"""References coded by a real codec: one continuous AV1 stream of reference pictures.
+
+The sender codes each new reference with SVT-AV1 in low delay (pred-struct 1, no lookahead): the
+packet of a picture comes out of that picture's own encode call, predicted from the previous
+reference, so a reference costs tens of bytes where a learned keyframe costs hundreds. Intra
+frames come first and when asked for. Both sides decode the packets with libdav1d (the sender
+decodes its own), and AV1 decoding is exact integer arithmetic, so they hold bit-identical
+pictures. The conversion of the decoded 4:2:0 picture to RGB is done here in integers (BT.601
+limited range, the matrix FFmpeg's RGB-to-YUV conversion used on the way in, with centred
+bilinear chroma upsampling), not by libswscale, whose SIMD paths may round differently from one
+CPU to another.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from entropy.bitstream import BitstreamError
+
+MIN_CRF, MAX_CRF = 1, 63
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """SVT-AV1's quantizer for a reference stream. ``intra_offset`` None: SVT's own CRF mode, which
+    spends many bits on the intra frame and then predicts cheaply from it. An offset instead fixes
+    the intra frame's qindex that far above the inter frames' (SVT's fixed qindex offsets): a far
+    cheaper intra frame, for rates where SVT's own would cost seconds of the budget, paid for by
+    dearer inter frames while they repair it (measured on one clip at CRF 63: intra 705 bytes at
+    32.6 dB and inter 57 at 29.3 in CRF mode; offset 0, 159 bytes at 25.1 dB and inter 34 at 24.2)."""
+
+    crf: int
+    intra_offset: int | None = None
+
+    def __post_init__(self) -> None:
+        if not MIN_CRF <= self.crf <= MAX_CRF:
+            raise ValueError(f"AV1 reference CRF must be {MIN_CRF} to {MAX_CRF}, not {self.crf}")
+        if self.intra_offset is not None and not -64 <= self.intra_offset <= 63:
+            raise ValueError(f"intra qindex offset must be -64 to 63, not {self.intra_offset}")
+
+    def options(self) -> dict[str, str]:
+        # keyint beyond any stream and no scene-cut detection: intra frames only where the caller asks
+        params = "pred-struct=1:lookahead=0:keyint=-1:scd=0"
+        if self.intra_offset is not None:
+            params += f":use-fixed-qindex-offsets=1:key-frame-qindex-offset={self.intra_offset}"
+        return {"crf": str(self.crf), "preset": "8", "svtav1-params": params}
+
+
+# Cheaper intra frames than CRF 63's, for a rate control that takes the first that fits.
+CHEAP_INTRA = tuple(Quantizer(63, o) for o in (0, 20, 40, 63))
+
+
+def crf_for_kbps(kbps: float) -> int:
+    """The references' CRF for a rate target (SVT's CRF mode). At a few kbps a talking head is
+    better served by coarse references often than by fine ones seldom, the held anchors say
+    (BENCHMARKS, "Against what a call does at a few kbps"): CRF 63 up to 5 kbps, then finer as
+    references would otherwise come every other frame."""
+    return 63 if kbps < 5 else 55 if kbps < 10 else 50
+
+
+def _upsample2(c: np.ndarray) -> np.ndarray:
+    """(h, w) int64 chroma -> (2h, 2w) at 16 times the scale: each output sample is 3/4 of its
+    nearest input and 1/4 of the next one, per axis (chroma sited between luma samples)."""
+    def axis(a: np.ndarray, ax: int) -> np.ndarray:
+        prev = np.concatenate([a.take([0], ax), a.take(range(a.shape[ax] - 1), ax)], ax)
+        nxt = np.concatenate([a.take(range(1, a.shape[ax]), ax), a.take([-1], ax)], ax)
+        out = np.stack([3 * a + prev, 3 * a + nxt], ax + 1)
+        return out.reshape(*a.shape[:ax], 2 * a.shape[ax], *a.shape[ax + 1:])
+
+    return axis(axis(c, 0), 1)
+
+
+def yuv420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """8-bit planes, limited-range BT.601, y (H, W), u and v (H/2, W/2) -> (H, W, 3) uint8 RGB, in
+    integers: the same on every machine."""
+    luma = 76309 * 16 * (y.astype(np.int64) - 16)  # 1.164 * 2^16, times the chroma's scale
+    cb = _upsample2(u.astype(np.int64)) - 128 * 16
+    cr = _upsample2(v.astype(np.int64)) - 128 * 16
+    half = 1 << 19
+    rgb = np.stack([luma + 104597 * cr + half,  # 1.596, 0.392, 0.813, 2.017 times 2^16
+                    luma - 25675 * cb - 53279 * cr + half,
+                    luma + 132201 * cb + half], -1) >> 20
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    planes = frame.to_ndarray()  # yuv420p: (3H/2, W), the chroma planes' rows after the luma's
+    h, w = frame.height, frame.width
+    chroma = planes[h:].reshape(2, h // 2, w // 2)
+    return yuv420_to_rgb(planes[:h], chroma[0], chroma[1])
+
+
+class ReferenceDecoder:
+    """AV1 packets -> RGB pictures of the stream's size, one per packet, with libdav1d. Raises
+    BitstreamError for a packet that does not decode to exactly one picture of that size; a
+    packet that claims a larger picture is refused before anything that size is allocated."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._decoder = av.CodecContext.create("libdav1d", "r")
+        self._decoder.thread_count = 1
+        self._decoder.options = {"max_pixels": str(size * size), "max_frame_delay": "1"}
+
+    def decode(self, packet: bytes) -> np.ndarray:
+        if not packet:
+            raise BitstreamError("empty AV1 reference packet")
+        try:
+            frames = self._decoder.decode(av.Packet(packet))
+        except av.error.FFmpegError as e:
+            raise BitstreamError(f"AV1 reference packet does not decode ({e.strerror or e})") from None
+        if len(frames) != 1:
+            raise BitstreamError(f"AV1 reference packet decoded to {len(frames)} pictures, not 1")
+        frame = frames[0]
+        if (frame.width, frame.height) != (self.size, self.size) or frame.format.name != "yuv420p":
+            raise BitstreamError(f"AV1 reference picture is {frame.width}x{frame.height} {frame.format.name}, "
+                                 f"not {self.size}x{self.size} yuv420p")
+        return _to_rgb(frame)
+
+
+class ReferenceEncoder:
+    """RGB pictures (S, S, 3) uint8 -> (AV1 packet, the picture every decoder will hold)."""
+
+    def __init__(self, size: int, fps: Fraction, quantizer: Quantizer):
+        if size % 2:
+            raise ValueError(f"AV1 references need an even size, not {size}")
+        os.environ.setdefault("SVT_LOG", "1")  # errors only: SVT prints its whole configuration otherwise
+        self.quantizer = quantizer
+        self._encoder = av.CodecContext.create("libsvtav1", "w")
+        self._encoder.width = self._encoder.height = size
+        self._encoder.pix_fmt = "yuv420p"
+        self._encoder.time_base = 1 / Fraction(fps)
+        self._encoder.framerate = Fraction(fps)
+        self._encoder.thread_count = 1
+        self._encoder.options = quantizer.options()
+        self._decoder = ReferenceDecoder(size)
+        self._pts = 0
+
+    def code(self, picture: np.ndarray, intra: bool = False) -> tuple[bytes, np.ndarray]:
+        """``intra``: an intra frame, decodable on its own (the first one always is)."""
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24").reformat(format="yuv420p")
+        frame.pts = self._pts
+        if intra:
+            frame.pict_type = av.video.frame.PictureType.I
+        self._pts += 1
+        packets = self._encoder.encode(frame)
+        if len(packets) != 1:  # low delay with no lookahead gives one packet per picture, at once
+            raise RuntimeError(f"SVT-AV1 gave {len(packets)} packets for one reference picture")
+        packet = bytes(packets[0])
+        return packet, self._decoder.decode(packet)
+
+    def close(self) -> None:
+        """End the AV1 stream (SVT-AV1 complains when torn down without it)."""
+        if self._encoder is not None:
+            self._encoder.encode(None)
+            self._encoder = None
