@@ -125,7 +125,7 @@ class ReferenceDecoder:
 class ReferenceEncoder:
     """RGB pictures (S, S, 3) uint8 -> (AV1 packet, the picture every decoder will hold)."""
 
-    def __init__(self, size: int, fps: Fraction, quantizer: Quantizer):
+    def __init__(self, size: int, fps: Fraction | float, quantizer: Quantizer):
         if size % 2:
             raise ValueError(f"AV1 references need an even size, not {size}")
         os.environ.setdefault("SVT_LOG", "1")  # errors only: SVT prints its whole configuration otherwise
@@ -133,8 +133,9 @@ class ReferenceEncoder:
         self._encoder = av.CodecContext.create("libsvtav1", "w")
         self._encoder.width = self._encoder.height = size
         self._encoder.pix_fmt = "yuv420p"
-        self._encoder.time_base = 1 / Fraction(fps)
-        self._encoder.framerate = Fraction(fps)
+        fps = Fraction(fps).limit_denominator(1001)  # a float rate has a 2^52 denominator
+        self._encoder.time_base = 1 / fps
+        self._encoder.framerate = fps
         self._encoder.thread_count = 1
         self._encoder.options = quantizer.options()
         self._decoder = ReferenceDecoder(size)

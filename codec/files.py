@@ -23,7 +23,8 @@ from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import Box, FrameWriter, VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
 from entropy.bitstream import (
-    DEFAULT_MAX_FRAMES, MAX_FRAMES, REFERENCE_CHUNKS, BitstreamError, Chunk, Header, read_file, write_stream,
+    AV1_REFERENCES_SINCE, DEFAULT_MAX_FRAMES, MAX_FRAMES, REFERENCE_CHUNKS, VERSION, BitstreamError, Chunk, ChunkType,
+    Header, read_file, write_stream,
 )
 from entropy.coding import bits_to_kbps
 
@@ -54,11 +55,12 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     _check_writable(dst)
     fps = info.fps if info.fps > 0 else Fraction(25)
 
-    def header(frames: int) -> Header:
+    def header(frames: int, version: int = VERSION) -> Header:
         return Header(
             preset=model.cfg.name, model_id=model_id(model), width=r, height=r, fps_num=fps.numerator,
             fps_den=fps.denominator, frames=frames, bank_size=settings.bank_size, source_width=info.width,
-            source_height=info.height, crop_left=max(box.left, 0), crop_top=max(box.top, 0), crop_size=box.size)
+            source_height=info.height, crop_left=max(box.left, 0), crop_top=max(box.top, 0), crop_size=box.size,
+            version=version)
 
     try:  # what no decoder would accept is refused before encoding, not after
         header(1).check()
@@ -83,7 +85,9 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     seconds = time.perf_counter() - start
     if len(quality) > MAX_FRAMES:
         raise VideoError(f"{src}: {len(quality)} frames, more than a stream holds ({MAX_FRAMES}): use --frames")
-    data = write_stream(header(len(quality)), pack_token_runs(model, chunks))
+    # the oldest format that holds the stream, so that an older imfc still reads what it can
+    version = VERSION if any(c.type == ChunkType.AV1_REFERENCES for c in chunks) else AV1_REFERENCES_SINCE - 1
+    data = write_stream(header(len(quality), version), pack_token_runs(model, chunks))
     _write_atomic(dst, data)
     return EncodeSummary(
         frames=len(quality),

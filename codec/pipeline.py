@@ -157,31 +157,43 @@ class RateControl:
     it, starts in debt by what a file spends besides its frames (``STREAM_OVERHEAD_BITS``: header
     and chunk framing), and pays for every frame at its cost once packed in a file. A new
     reference is due when the bucket holds what the last inter references cost (a running mean);
-    a token frame needs its token's bits; otherwise the frame repeats the picture. The intra frame
-    is paid even into debt (at most ``INTRA_SECONDS`` of the rate: `Encoder` chooses the quantizer
-    so), and nothing but repeats follows until the debt is paid, so a clip's total stays at the
-    target as soon as the clip is longer than its intra frame's share."""
+    a token frame needs its token's bits; otherwise the frame repeats the picture.
+
+    An intra frame is paid over the next ``horizon`` seconds, a share each frame, not at once: a
+    bucket that paid it at once would send nothing but repeats until it had refilled (seconds,
+    at a few kbps), where spreading the debt lets the references come evenly at what the rate
+    leaves. Over any stretch of ``horizon`` seconds from the start the total stays at the target.
+    The first intra frame costs at most ``INTRA_SECONDS`` of the rate (`Encoder` chooses the
+    quantizer so)."""
 
     REFERENCE_GUESS = 800  # bits of an inter reference before one has been measured
     INTRA_SECONDS = 3.0
     STREAM_OVERHEAD_BITS = 8 * 66  # a 54-byte header, one chunk's 7 bytes of framing, its rANS flush
 
-    def __init__(self, kbps: float, fps: float, window: float = 1.0):
+    def __init__(self, kbps: float, fps: float, window: float = 1.0, horizon: float = 4.0):
         self.fill = 1000 * kbps / fps  # bits per frame
         self.capacity = 1000 * kbps * window
         self.level = -float(self.STREAM_OVERHEAD_BITS)
         self.reference_bits = float(self.REFERENCE_GUESS)
         self.intra_budget = 1000 * kbps * self.INTRA_SECONDS
+        self.horizon_frames = max(1, round(horizon * fps))
+        self.debts: list[list[float]] = []  # [bits per frame, frames left] of each intra frame
 
     def next_frame(self) -> None:
-        self.level = min(self.capacity, self.level + self.fill)
+        self.level = min(self.capacity, self.level + self.fill - sum(d[0] for d in self.debts))
+        for d in self.debts:
+            d[1] -= 1
+        self.debts = [d for d in self.debts if d[1] > 0]
 
     def affords(self, bits: float) -> bool:
         return self.level >= bits
 
     def pay(self, bits: float, reference: bool = False, intra: bool = False) -> None:
+        if intra:
+            self.debts.append([bits / self.horizon_frames, self.horizon_frames])
+            return
         self.level -= bits
-        if reference and not intra:
+        if reference:
             self.reference_bits = 0.7 * self.reference_bits + 0.3 * bits
 
 

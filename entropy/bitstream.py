@@ -23,6 +23,7 @@ from typing import Iterator
 MAGIC = b"IMFC"
 VERSION = 5  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references; older streams still read
 KEYFRAME_STEP_SINCE = 4
+AV1_REFERENCES_SINCE = 5
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
 
@@ -50,7 +51,7 @@ class ChunkType(IntEnum):
     AV1_REFERENCES = 5  # frames whose references are AV1 packets: the packets, the tokens, the repeats
 
 
-SINCE_VERSION = {ChunkType.TOKEN_RUN: 2, ChunkType.REPEAT: 3, ChunkType.AV1_REFERENCES: 5}  # newer than version 1
+SINCE_VERSION = {ChunkType.TOKEN_RUN: 2, ChunkType.REPEAT: 3, ChunkType.AV1_REFERENCES: AV1_REFERENCES_SINCE}  # newer than version 1
 REFERENCE_CHUNKS = (ChunkType.KEYFRAME, ChunkType.AV1_REFERENCES)  # the chunks that start a stream
 
 

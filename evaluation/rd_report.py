@@ -184,9 +184,13 @@ def summary_markdown(points: list[RDPoint], bd: list[BDEntry], meta: dict) -> st
              f"model `{meta['model']}`; VMAF {'on' if meta['vmaf'] else 'off'}; run time {meta['seconds']:.0f} s."), "",
              "Anchors (low delay, video-call settings):", ""]
     lines += [f"- {s}" for s in meta["anchor_settings"].values()]
-    lines += [(f"- imfc: {'; '.join(meta['imfc_settings'])} (closed loop, bank of 2 references; a frame whose "
-              "reconstruction falls under the floor's PSNR becomes a keyframe, and keyint N forces one after N "
-              "token frames)"), ""]
+    av1 = any(s.startswith("av1 references") for s in meta["imfc_settings"])
+    how = ("references coded as one SVT-AV1 low-delay stream; each other frame a token frame or a repeat of the "
+           "newest reference, whichever costs less in MSE + lambda * bits; a kbps target is kept by a leaky bucket "
+           "(imfc encode --kbps)" if av1 else
+           "a frame whose reconstruction falls under the floor's PSNR becomes a keyframe, and keyint N forces one "
+           "after N token frames")
+    lines += [f"- imfc: {'; '.join(meta['imfc_settings'])} (closed loop, bank of 2 references; {how})", ""]
     lines += ["Averaged over clips (per codec and setting):", "",
               "| codec | setting | kbps | PSNR RGB | PSNR Y | SSIM | MS-SSIM | VMAF | GMSD |", "|---|---|---|---|---|---|---|---|---|"]
     for codec in codecs_in(points):

@@ -17,6 +17,7 @@ class TrainConfig:
     resolution: int = 128  # training crops; the model is convolutional
     batch_size: int = 8
     steps: int = 20000
+    max_minutes: float = 0.0  # wall clock after which training stops as if at its last step; 0 = none
     lr: float = 4e-4
     aux_lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -310,6 +310,8 @@ def train(cfg: TrainConfig) -> TrainState:
 def _train(cfg: TrainConfig, world: World) -> TrainState:
     if cfg.batch_size % world.size:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world.size} processes")
+    if cfg.max_minutes > 0 and world.size > 1:  # each replica's clock would stop it at another step
+        raise ValueError("max_minutes is for single-process runs")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + world.rank)
     out = cfg.out_dir
@@ -344,8 +346,10 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
 
     tb = SummaryWriter(out / "tb", purge_step=state.step) if main else None
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
     while state.step < cfg.steps:
         m = train_step(state, sampler.sample().to(world.device), cfg)
+        last = m.step == cfg.steps or time.monotonic() >= deadline  # a time budget ends like the last step
         bar.update(1)
         bar.set_postfix(loss=f"{m.loss:.4f}", psnr=f"{m.psnr:.2f}", bpp=f"{m.bpp_token + m.bpp_key:.4f}")
         if main and m.step % cfg.log_every == 0:
@@ -353,7 +357,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
             for k, x in asdict(m).items():
                 if k != "step":
                     tb.add_scalar(f"train/{k}", x, m.step)
-        if main and (m.step % cfg.val_every == 0 or m.step == cfg.steps):
+        if main and (m.step % cfg.val_every == 0 or last):
             v = validate(state.model, val_triplets, out / f"val_{m.step:06d}.png")
             near = validate(state.model, near_triplets)
             v |= {"near_psnr": near["psnr"], "near_msssim": near["msssim"]}
@@ -365,11 +369,13 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
             tb.add_image("val/ref_target_recon_key", np.asarray(Image.open(out / f"val_{m.step:06d}.png")), m.step,
                          dataformats="HWC")
             bar.write(f"step {m.step}: val " + " ".join(f"{k}={x:.4f}" for k, x in v.items()))
-        if m.step % cfg.ckpt_every == 0 or m.step == cfg.steps:
+        if m.step % cfg.ckpt_every == 0 or last:
             assert_replicas_equal(state.model, world)
             if state.disc is not None:
                 assert_replicas_equal(state.disc, world)
             save_checkpoint(state, sampler, cfg)
+        if last:
+            break
     bar.close()
     if main:
         tb.close()
