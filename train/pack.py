@@ -3,7 +3,7 @@ folder of at most 48 MiB that can travel with the work tree to an accelerator (`
 
 The cache of `imfc prepare-data` is 6.6 GB of raw frames; its AV1 references another 3.4 GB.
 The pack keeps, for every clip of the split, its first ``frames`` frames as H.264 (libx264,
-4:2:0, the CRF raised until the pack fits) and its AV1 reference streams (every ``every``-th
+4:2:0, the CRF raised until the pack fits, by default 16 MiB) and its AV1 reference streams (every ``every``-th
 frame of the *packed* frames, coded with the coding path's own `codec.av1_reference` encoder at
 each CRF) as raw packets, which unpack with libdav1d to exactly the pictures the codec holds:
 
@@ -36,7 +36,10 @@ from train.av1_refs import RefsMeta, clip_fps, refs_path
 from train.data import Split
 
 PACK_VERSION = 1
-MAX_PACK_BYTES = 48 << 20
+MAX_PACK_BYTES = 48 << 20  # the issue's bound
+# What the default aims under: an accelerator's image lacks PyAV and CompressAI, whose wheels
+# (36 MB) travel with the work tree (12 MB) and the pack within the device tool's 64 MiB.
+DEFAULT_PACK_BYTES = 16 << 20
 
 
 def write_h264(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
@@ -61,9 +64,12 @@ def code_references(frames: np.ndarray, every: int, crf: int, fps: float) -> byt
     return bytes(out)
 
 
-def build(cache_dir: Path, pack_dir: Path, split: Split, frames: int = 300, every: int = 6,
-          crfs: tuple[int, ...] = (50, 58, 63), crf_h264: int = 20, progress: bool = True) -> int:
-    """-> the pack's size in bytes; raises the H.264 CRF by 2 and rebuilds until it fits MAX_PACK_BYTES."""
+def build(cache_dir: Path, pack_dir: Path, split: Split, frames: int = 200, every: int = 6,
+          crfs: tuple[int, ...] = (50, 58, 63), crf_h264: int = 22, progress: bool = True,
+          max_bytes: int = DEFAULT_PACK_BYTES) -> int:
+    """-> the pack's size in bytes; raises the H.264 CRF by 2 and rebuilds until it fits ``max_bytes``."""
+    if max_bytes > MAX_PACK_BYTES:
+        raise ValueError(f"a pack holds at most {MAX_PACK_BYTES >> 20} MiB")
     cache_dir, pack_dir = Path(cache_dir), Path(pack_dir)
     pack_dir.mkdir(parents=True, exist_ok=True)
     names = split.train + split.val
@@ -80,7 +86,7 @@ def build(cache_dir: Path, pack_dir: Path, split: Split, frames: int = 300, ever
                     "split": {"train": list(split.train), "val": list(split.val)}, "clips": clips}
         (pack_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         size = sum(p.stat().st_size for p in pack_dir.iterdir())
-        if size <= MAX_PACK_BYTES or crf_h264 >= 51:
+        if size <= max_bytes or crf_h264 >= 51:
             return size
         crf_h264 = min(51, crf_h264 + 2)
 
@@ -118,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cache_dir", type=Path, help="clips cached by `imfc prepare-data`")
     parser.add_argument("pack_dir", type=Path, nargs="?", default=Path(".pack"))
     parser.add_argument("--split", type=Path, default=Path("train/split.json"))
-    parser.add_argument("--frames", type=int, default=300, help="frames per clip, from the start (default %(default)s)")
+    parser.add_argument("--frames", type=int, default=200, help="frames per clip, from the start (default %(default)s)")
+    parser.add_argument("--max-mib", type=float, default=DEFAULT_PACK_BYTES / 2**20,
+                        help=f"size to fit, at most {MAX_PACK_BYTES >> 20} (default %(default)g)")
     args = parser.parse_args(argv)
-    size = build(args.cache_dir.expanduser(), args.pack_dir, Split.load(args.split), args.frames)
+    size = build(args.cache_dir.expanduser(), args.pack_dir, Split.load(args.split), args.frames,
+                 max_bytes=int(args.max_mib * 2**20))
     manifest = json.loads((args.pack_dir / "manifest.json").read_text())
     print(f"{args.pack_dir}: {len(manifest['clips'])} clips, {size / 2**20:.1f} MiB (H.264 CRF {manifest['crf_h264']})")
-    return 0 if size <= MAX_PACK_BYTES else 1
+    return 0 if size <= args.max_mib * 2**20 else 1
 
 
 if __name__ == "__main__":
