@@ -66,7 +66,7 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
         header(1).check()
     except BitstreamError as e:
         raise VideoError(f"{src}: cannot be coded: {e}") from None
-    encoder = Encoder(model, settings, float(fps))
+    encoder = Encoder(model, settings, float(fps), min(info.frames, max_frames or info.frames) or None)
     chunks: list[Chunk] = []
     quality = []
     start = time.perf_counter()

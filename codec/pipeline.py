@@ -162,21 +162,22 @@ class RateControl:
     An intra frame is paid over the next ``horizon`` seconds, a share each frame, not at once: a
     bucket that paid it at once would send nothing but repeats until it had refilled (seconds,
     at a few kbps), where spreading the debt lets the references come evenly at what the rate
-    leaves. Over any stretch of ``horizon`` seconds from the start the total stays at the target.
-    The first intra frame costs at most ``INTRA_SECONDS`` of the rate (`Encoder` chooses the
-    quantizer so)."""
+    leaves. Over any stretch of ``horizon`` seconds from the start the total stays at the target;
+    a file says how many ``frames`` it has, and a shorter one pays its intra frame within 80% of
+    them. The first intra frame costs at most ``INTRA_SECONDS`` of the rate (`Encoder` chooses the
+    quantizer so), so the debt never takes more than the fill."""
 
     REFERENCE_GUESS = 800  # bits of an inter reference before one has been measured
     INTRA_SECONDS = 3.0
     STREAM_OVERHEAD_BITS = 8 * 66  # a 54-byte header, one chunk's 7 bytes of framing, its rANS flush
 
-    def __init__(self, kbps: float, fps: float, window: float = 1.0, horizon: float = 4.0):
+    def __init__(self, kbps: float, fps: float, window: float = 1.0, horizon: float = 3.0, frames: int | None = None):
         self.fill = 1000 * kbps / fps  # bits per frame
         self.capacity = 1000 * kbps * window
         self.level = -float(self.STREAM_OVERHEAD_BITS)
         self.reference_bits = float(self.REFERENCE_GUESS)
         self.intra_budget = 1000 * kbps * self.INTRA_SECONDS
-        self.horizon_frames = max(1, round(horizon * fps))
+        self.horizon_frames = max(1, min(round(horizon * fps), int(0.8 * frames) if frames else 1 << 30))
         self.debts: list[list[float]] = []  # [bits per frame, frames left] of each intra frame
 
     def next_frame(self) -> None:
@@ -213,8 +214,9 @@ def mse(x_hat: Tensor, x: Tensor) -> float:
 
 
 class Encoder:
-    def __init__(self, model: IMFCodec, settings: EncoderSettings, fps: float = 25.0):
-        """``fps`` turns kbps into bits per frame and times the AV1 reference stream."""
+    def __init__(self, model: IMFCodec, settings: EncoderSettings, fps: float = 25.0, frames: int | None = None):
+        """``fps`` turns kbps into bits per frame and times the AV1 reference stream; ``frames``,
+        where known (a file), lets a rate target be kept over a clip shorter than 3 s."""
         self.model = model.eval()
         self.settings = settings
         self.state = CodecState()
@@ -225,7 +227,7 @@ class Encoder:
         self.intra_requested = False  # set by a receiver's keyframe request: the next reference is intra
         self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval  # about
         if settings.keyframe_codec == "av1" and settings.kbps:
-            self.rate = RateControl(settings.kbps, fps)
+            self.rate = RateControl(settings.kbps, fps, frames=frames)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:

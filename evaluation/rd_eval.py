@@ -123,7 +123,7 @@ def imfc_setting(s: EncoderSettings) -> str:
 
 def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[int, int, np.ndarray, float]:
     """-> (bytes of the .imfc file, keyframes, decoded (T, R, R, 3) uint8, encoder frames/s)."""
-    encoder = Encoder(model, settings, float(clip.fps))
+    encoder = Encoder(model, settings, float(clip.fps), len(clip.frames))
     r = model.cfg.resolution
     start = time.perf_counter()
     try:

@@ -27,7 +27,7 @@ def check_error(capsys, code, pattern, out: Path | None = None):
 def stream(tiny_weights, synthetic_video, tmp_path) -> Path:
     path = tmp_path / "s.imfc"
     assert encode.main([str(synthetic_video), "-o", str(path), "--weights", str(tiny_weights), "-q",
-                        "--quality-floor", "0"]) == 0
+                        "--keyframe-codec", "learned", "--quality-floor", "0"]) == 0
     return path
 
 
@@ -129,3 +129,14 @@ def test_info(capsys, stream):
     out = capsys.readouterr().out
     assert "12 frames" in out and "KEYFRAME" in out and "kbps" in out and " at step " in out
     check_error(capsys, info.main([str(stream.with_name("nope.imfc"))]), "no such file")
+
+
+def test_info_splits_an_av1_stream(capsys, tiny_weights, synthetic_video, tmp_path):
+    """imfc encode's default: AV1 references at --kbps 8; info names pictures, intra ones, tokens, framing."""
+    path = tmp_path / "a.imfc"
+    assert encode.main([str(synthetic_video), "-o", str(path), "--weights", str(tiny_weights), "-q"]) == 0
+    capsys.readouterr()
+    assert info.main([str(path), "--chunks"]) == 0
+    out = capsys.readouterr().out
+    assert "format version 5" in out and "AV1 references: " in out and "(1 intra)" in out
+    assert "AV1_REFERENCES" in out and "12 frames" in out

@@ -16,6 +16,11 @@ from codec.nn.weights import load_weights
 from tools.errors import run
 
 
+# imfc encode's default: AV1 references at 8 kbps. On the 12 held-out clips (BENCHMARKS.md, "AV1
+# references") it gave MS-SSIM 0.851 at 8.3 kbps, the learned keyframes' defaults 0.851 at 11.3.
+DEFAULT_KBPS = 8.0
+
+
 def parse_crop(text: str) -> Box:
     try:
         left, top, size = (int(v) for v in text.split(","))
@@ -43,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="quantization step of keyframe images: coarser is cheaper and blurrier (default %(default)s)")
     parser.add_argument("--no-repeat", action="store_true",
                         help="synthesize every token frame, even where repeating the newest keyframe's picture is closer")
-    parser.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default=None,
-                        help="how references are coded: the learned keyframe codec, or one AV1 stream (SVT-AV1 "
-                             "low delay, decoded by libdav1d) (default: av1 with --kbps, else %s)" % defaults.keyframe_codec)
-    parser.add_argument("--kbps", type=float, default=0.0,
-                        help="rate target in kbps, every byte counted (AV1 references: a rate control spends it; "
-                             "learned keyframes: the --max-kbps cap)")
+    parser.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default="av1",
+                        help="how references are coded: one AV1 stream (SVT-AV1 low delay, decoded by libdav1d), "
+                             "or the learned keyframe codec, whose knobs are --quality-floor, --max-kbps, "
+                             "--keyframe-step and --max-keyframe-interval (default %(default)s: it measures better, "
+                             "BENCHMARKS.md)")
+    parser.add_argument("--kbps", type=float, default=None,
+                        help=f"rate target in kbps, every byte counted (AV1 references: a rate control spends it, "
+                             f"default {DEFAULT_KBPS:g}; 0 for --av1-crf and --reference-interval instead; learned "
+                             f"keyframes: the --max-kbps cap)")
     parser.add_argument("--av1-crf", type=int, default=defaults.av1_crf,
                         help="AV1 references without --kbps: their SVT-AV1 CRF, 1-63 (default %(default)s)")
     parser.add_argument("--reference-interval", type=int, default=defaults.reference_interval,
@@ -65,15 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    if args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8 or args.max_kbps < 0 or args.kbps < 0:
+    if (args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8 or args.max_kbps < 0
+            or (args.kbps is not None and args.kbps < 0)):
         parser.error("--max-keyframe-interval must be >= 1, --bank-size in 1..8, --max-kbps and --kbps >= 0")
-    codec = args.keyframe_codec or ("av1" if args.kbps else defaults.keyframe_codec)
+    codec = args.keyframe_codec
+    kbps = DEFAULT_KBPS if args.kbps is None else args.kbps
     try:
         settings = EncoderSettings(
             args.quality_floor, args.max_keyframe_interval, args.bank_size,
-            args.kbps if args.kbps and codec == "learned" else args.max_kbps,
+            args.kbps if args.kbps is not None and codec == "learned" else args.max_kbps,
             repeat_keyframe=not args.no_repeat, keyframe_step=args.keyframe_step, keyframe_codec=codec,
-            kbps=args.kbps if codec == "av1" else 0.0, reference_interval=args.reference_interval,
+            kbps=kbps if codec == "av1" else 0.0, reference_interval=args.reference_interval,
             av1_crf=args.av1_crf, intra_interval=args.intra_interval)
     except ValueError as e:
         parser.error(str(e))
