@@ -77,19 +77,21 @@ def main(argv: list[str] | None = None) -> int:
         key_bytes = sum(len(c.to_bytes()) for c in key)
         frame_bytes = sum(len(c.to_bytes()) for c in frame)
         steps = Counter(KeyframePayload.from_bytes(c.payload, h.version >= KEYFRAME_STEP_SINCE).step for c in key)
-        print(f"keyframes: {len(key)}, {key_bytes} bytes" + (f" ({key_bytes / len(key):.0f} per keyframe)" if key else "")
-              + "".join(f", {n} at step {step_name(i)}" for i, n in sorted(steps.items())))
-        runs = sum(c.type == ChunkType.TOKEN_RUN for c in frame)
-        print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "") + f", {frame_bytes} bytes"
-              + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
         av1 = [c for c in chunks if c.type == ChunkType.AV1_REFERENCES]
+        if key or not av1:
+            print(f"keyframes: {len(key)}, {key_bytes} bytes" + (f" ({key_bytes / len(key):.0f} per keyframe)" if key else "")
+                  + "".join(f", {n} at step {step_name(i)}" for i, n in sorted(steps.items())))
+        runs = sum(c.type == ChunkType.TOKEN_RUN for c in frame)
+        if frame or not av1:
+            print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "")
+                  + f", {frame_bytes} bytes" + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
         if av1:
             print("\n".join(av1_split(av1)))
         if repeat:
             print(f"repeats of a keyframe's picture: {sum(c.frames for c in repeat)} frames in {len(repeat)} "
                   f"run{'s' if len(repeat) > 1 else ''}, {sum(len(c.to_bytes()) for c in repeat)} bytes")
-        print(f"total: {size} bytes, {bits_to_kbps(8 * size, h.frames, fps):.2f} kbps "
-              f"(token frames alone {bits_to_kbps(8 * frame_bytes, h.frames, fps):.2f} kbps)")
+        print(f"total: {size} bytes, {bits_to_kbps(8 * size, h.frames, fps):.2f} kbps"
+              + (f" (token frames alone {bits_to_kbps(8 * frame_bytes, h.frames, fps):.2f} kbps)" if frame else ""))
         if args.chunks:
             for i, c in enumerate(chunks):
                 print(f"{i:6d} {c.type.name:<14} {c.frames:5d} frames {len(c.to_bytes()):7d} bytes")
