@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -225,7 +226,8 @@ class Encoder:
         self.rate: RateControl | None = None
         self.since_intra = 0
         self.intra_requested = False  # set by a receiver's keyframe request: the next reference is intra
-        self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval  # about
+        # the reference stream's nominal rate (with a rate target references come when they can)
+        self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
         if settings.keyframe_codec == "av1" and settings.kbps:
             self.rate = RateControl(settings.kbps, fps, frames=frames)
 
@@ -307,8 +309,7 @@ class Encoder:
         payload = Av1ReferencesPayload(1, ((0, packet),), (), data)
         return EncodedFrame(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
-
-    def _start_av1(self, picture) -> tuple[bytes, object]:
+    def _start_av1(self, picture: np.ndarray) -> tuple[bytes, np.ndarray]:
         """The first reference: with a rate target, the AV1 stream takes CRF mode at crf_for_kbps,
         or where that intra frame would cost more than RateControl.intra_budget, the first of
         CHEAP_INTRA whose intra frame fits (the cheapest if none)."""
@@ -316,13 +317,14 @@ class Encoder:
             ladder = [Quantizer(self.settings.av1_crf)]
         else:
             ladder = [Quantizer(crf_for_kbps(self.settings.kbps)), *CHEAP_INTRA]
-        for i, quantizer in enumerate(ladder):
+        for quantizer in ladder[:-1]:
             self.av1 = ReferenceEncoder(self.model.cfg.resolution, self.av1_fps, quantizer)
             packet, decoded = self.av1.code(picture, intra=True)
-            if i == len(ladder) - 1 or 8 * len(packet) <= self.rate.intra_budget:
+            if 8 * len(packet) <= self.rate.intra_budget:
                 return packet, decoded
             self.av1.close()
-        raise AssertionError("unreachable")
+        self.av1 = ReferenceEncoder(self.model.cfg.resolution, self.av1_fps, ladder[-1])
+        return self.av1.code(picture, intra=True)
 
 
 def _chain_start(state: CodecState, u: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def unpack(pack_dir: Path, cache_dir: Path, refs_dir: Path) -> Split:
             indices = tuple(range(0, len(frames), every))[:len(pictures)]
             np.save(refs_path(refs_dir, name, crf), np.stack(pictures))
             meta = RefsMeta(name, crf, every, indices, len(data))
-            refs_path(refs_dir, name, crf).with_suffix(".json").write_text(json.dumps(meta.__dict__))
+            refs_path(refs_dir, name, crf).with_suffix(".json").write_text(json.dumps(asdict(meta)))
     return Split(tuple(manifest["split"]["train"]), tuple(manifest["split"]["val"]))
 
 
