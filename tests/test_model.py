@@ -16,7 +16,8 @@ def total_loss(model, out):
     return out.x_hat.mean() + out.x_ref_hat.mean() - 1e-4 * rate + model.aux_loss()
 
 
-@pytest.mark.parametrize("preset, overrides", [(p, {}) for p in sorted(PRESETS)] + [("tiny", {"pixel_warp": "flow"})])
+@pytest.mark.parametrize("preset, overrides", [(p, {}) for p in sorted(PRESETS)]
+                         + [("tiny", {"pixel_warp": "flow"}), ("tiny", {"hold_mask": True})])
 def test_forward_backward_reaches_every_parameter(preset, overrides):
     cfg = get_config(preset, **overrides)
     model = build_model(cfg)
@@ -99,6 +100,23 @@ def test_bank_of_identical_references_equals_one(pixel_warp):
     # in another order (seen: 1.2e-5 on one machine). 1e-4 is 40x below one 8-bit level (3.9e-3),
     # so a bank that weighted its references wrongly would still fail by orders of magnitude.
     torch.testing.assert_close(one, two, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_hold_mask_shows_the_newest_reference_where_it_opens():
+    """The mask blends toward the newest reference of the bank (its last), never an older one; a
+    fresh mask starts almost closed (5% hold), so adding it to trained weights barely moves them."""
+    torch.manual_seed(0)
+    model, x_ref, u_ref, u_cur = tiny_reference(hold_mask=True)
+    older = model.reference(torch.rand_like(x_ref), u_ref + 1)
+    newest = model.reference(x_ref, u_ref)
+    plain = build_model(model.cfg.__class__(**{**model.cfg.__dict__, "hold_mask": False})).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    without = plain.synthesize(u_cur, [older, newest])
+    fresh = model.synthesize(u_cur, [older, newest])
+    torch.testing.assert_close(fresh, 0.95 * without + 0.05 * x_ref, atol=2e-3, rtol=0)
+    model.frame_decoder.to_mask.bias.fill_(10.0)  # fully open: the newest picture itself
+    torch.testing.assert_close(model.synthesize(u_cur, [older, newest]), x_ref, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()

@@ -254,3 +254,15 @@ def test_surgery_switches_pixel_warp_and_keeps_parameters(tiny_weights, tmp_path
     assert before.cfg.pixel_warp == "blend" and after.cfg.pixel_warp == "flow"
     a, b = before.state_dict(), after.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_surgery_adds_the_hold_mask_and_keeps_every_other_parameter(tiny_weights, tmp_path):
+    from train.surgery import main as surgery
+
+    out = tmp_path / "hold.safetensors"
+    surgery([str(tiny_weights), str(out), "--hold-mask"])
+    before, after = load_weights(tiny_weights), load_weights(out)
+    assert not before.cfg.hold_mask and after.cfg.hold_mask
+    a, b = before.state_dict(), after.state_dict()
+    assert set(b) - set(a) == {"frame_decoder.to_mask.weight", "frame_decoder.to_mask.bias"}
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -105,6 +105,20 @@ def test_sampler_draws_current_frames_after_the_newest_reference(cache_dir, refs
     assert all(cur == 9 for j, cur in (sampler.pick(np.array([0, 4, 8]), 10) for _ in range(50)) if j == 2)
 
 
+def test_sampler_near_power_draws_near_distances_more_often(cache_dir, refs_dir):
+    """d ** -1 over 1..24: distance 1 has probability 1 / H(24) = 0.264, distance 24 0.011."""
+    split = Split.load(cache_dir / "split.json")
+    cache, refs = ClipCache(cache_dir, split.train), Av1RefCache(refs_dir, split.train)
+    indices = np.array([0])
+    near = Av1TripletSampler(cache, refs, 32, 1, seed=3, max_distance=24, near_power=1.0)
+    flat = Av1TripletSampler(cache, refs, 32, 1, seed=3, max_distance=24)
+    d_near = np.array([near.pick(indices, 100)[1] for _ in range(2000)])
+    d_flat = np.array([flat.pick(indices, 100)[1] for _ in range(2000)])
+    assert d_near.min() >= 1 and d_near.max() <= 24 and d_flat.max() <= 24
+    assert 0.23 < (d_near == 1).mean() < 0.30 and 0.02 < (d_flat == 1).mean() < 0.07
+    assert 5.5 < d_near.mean() < 7.5 and 11 < d_flat.mean() < 14  # 24 / H(24) = 6.36 and 12.5
+
+
 def test_sampler_pairs_each_reference_with_the_picture_before_it(tmp_path):
     """Flat clips whose frame t has value 40 + 4t, and "decoded" pictures equal to their frames: the
     augmentation then only adds one brightness to all four frames, so the differences between them

@@ -208,13 +208,14 @@ class Av1TripletSampler(SeededSampler):
     picture before the newest (K frames earlier) as the older reference of a bank of two. The first
     picture of a clip has none: the newest stands in, a bank of two equal references being one
     reference to the attention. One augmentation for all four frames; camera motion, if drawn, moves
-    previous and current only.
+    previous and current only. ``near_power`` p draws the distance d with probability proportional
+    to d ** -p instead of uniformly.
 
     ``sample()`` -> (4, B, 3, R, R): newest reference, previous, current, older reference (the
     first three in the order of `TripletSampler`'s triplets)."""
 
     def __init__(self, cache: ClipCache, refs: Av1RefCache, resolution: int, batch_size: int, seed: int,
-                 camera_motion: float = 0.0, max_distance: int = 25):
+                 camera_motion: float = 0.0, max_distance: int = 25, near_power: float = 0.0):
         if refs.names != cache.names:
             raise ValueError("the AV1 references must be of the cache's clips, in its order")
         self.cache = cache
@@ -223,6 +224,7 @@ class Av1TripletSampler(SeededSampler):
         self.batch_size = batch_size
         self.camera_motion = camera_motion
         self.max_distance = max_distance
+        self.near_power = near_power
         self.rng = np.random.default_rng(seed)
         self.weights = cache.weights
 
@@ -244,7 +246,12 @@ class Av1TripletSampler(SeededSampler):
         """(which AV1 picture is the newest reference, current frame index) in a clip of ``length``."""
         usable = np.flatnonzero(indices + 1 < length)
         j = int(usable[self.rng.integers(len(usable))])
-        distance = int(self.rng.integers(1, min(self.max_distance, length - 1 - int(indices[j])) + 1))
+        reach = min(self.max_distance, length - 1 - int(indices[j]))
+        if self.near_power:  # the frames just after a reference are most of what the encoder codes
+            p = np.arange(1, reach + 1, dtype=float) ** -self.near_power
+            distance = 1 + int(self.rng.choice(reach, p=p / p.sum()))
+        else:  # uniform (kept separate: resumed runs draw the same sequence as before)
+            distance = int(self.rng.integers(1, reach + 1))
         return j, int(indices[j]) + distance
 
 

@@ -325,7 +325,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainState:
     if cfg.av1_refs:
         sampler = Av1TripletSampler(train_cache, Av1RefCache(cfg.av1_refs_dir, split.train), cfg.resolution,
                                     cfg.batch_size // world.size, cfg.seed + world.rank, cfg.camera_motion,
-                                    cfg.av1_distance)
+                                    cfg.av1_distance, cfg.av1_near_power)
     else:
         sampler = TripletSampler(train_cache, cfg.resolution, cfg.batch_size // world.size, cfg.seed + world.rank,
                                  cfg.camera_motion, cfg.near_share, cfg.near_distance)

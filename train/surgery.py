@@ -1,13 +1,14 @@
 """Start a new training stage from an older one's weights, with recorded edits.
 
     python -m train.surgery SOURCE OUT.safetensors [--locality SCALE=VALUE ...] [--token-step-factor F]
-        [--pixel-warp blend|flow]
+        [--pixel-warp blend|flow] [--hold-mask]
 
 SOURCE is a run's checkpoint.pt or a weights file. Modules the current code has and SOURCE lacks
 keep their initialisation (seeded, so the output is reproducible). The edits are the ones the
 default model's history needed (MODEL.md): relaxing one scale's attention locality, scaling
-the token quantization step, and switching how the finest scale moves reference pixels (a config
-change with the same parameters).
+the token quantization step, switching how the finest scale moves reference pixels (a config
+change with the same parameters), and adding D_F's hold mask (new parameters, initialised as
+`FrameDecoder` does).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="set the cross-attention locality of scale SCALE (0 = finest) to VALUE")
     parser.add_argument("--token-step-factor", type=float, default=1.0)
     parser.add_argument("--pixel-warp", choices=["blend", "flow"], default=None)
+    parser.add_argument("--hold-mask", action="store_true", help="add D_F's mask that holds the newest reference")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.source.suffix == ".pt":
@@ -41,9 +43,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.source} (step {ckpt['step']}): initialised anew: {result.missing_keys}")
     else:
         model = load_weights(args.source, strict=False)
-    if args.pixel_warp is not None:
-        switched = build_model(replace(model.cfg, pixel_warp=args.pixel_warp))
-        switched.load_state_dict(model.state_dict())
+    edits = ({"pixel_warp": args.pixel_warp} if args.pixel_warp else {}) | ({"hold_mask": True} if args.hold_mask else {})
+    if edits:
+        switched = build_model(replace(model.cfg, **edits))
+        result = switched.load_state_dict(model.state_dict(), strict=False)
+        if result.unexpected_keys:
+            raise SystemExit(f"{args.source}: parameters the edited model lacks: {result.unexpected_keys}")
+        if result.missing_keys:
+            print(f"new parameters, initialised: {result.missing_keys}")
         model = switched
     with torch.no_grad():
         for edit in args.locality:

@@ -32,6 +32,8 @@ class IMFConfig:
     max_references: int = 2  # reference bank size
     pixel_warp: str = "blend"  # finest scale's reference pixels: "blend" 4x4 blocks by attention, or "flow":
     # warp them by the attention's mean offset (sharper; see codec/nn/layers/attention.py)
+    hold_mask: bool = False  # D_F blends its output with the newest reference picture by a mask it predicts,
+    # so a frame that barely moved can be held exactly where synthesis would soften it (MODEL.md, stage 11)
 
     def __post_init__(self) -> None:
         if self.pixel_warp not in ("blend", "flow"):

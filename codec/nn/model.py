@@ -60,6 +60,7 @@ class Reference:
     x_hat: Tensor  # (B, 3, H, W) the decoded keyframe
     t_hat: Tensor  # (B, d) its token
     kv: list[KeyValue]  # per scale, fine to coarse
+    motion: Tensor  # (B, C, H/4, W/4) its finest motion features m_r (for D_F's hold mask)
 
 
 class IMFCodec(CompressionModel):
@@ -90,7 +91,7 @@ class IMFCodec(CompressionModel):
         t_hat = u_ref_hat * self.token_log_step.exp()
         f_r = self.feature_encoder(x_ref_hat)
         m_r = self.token_decoder(t_hat, x_ref_hat.shape[-2:])
-        return Reference(x_ref_hat, t_hat, self.alignment.prepare(x_ref_hat, f_r, m_r))
+        return Reference(x_ref_hat, t_hat, self.alignment.prepare(x_ref_hat, f_r, m_r), m_r[0])
 
     def reference_from_picture(self, x_hat: Tensor) -> Reference:
         """A reference picture decoded by another codec (AV1) (B, 3, H, W) -> Reference, its token E_T
@@ -99,12 +100,16 @@ class IMFCodec(CompressionModel):
         return self.reference(x_hat, self.token_symbols(x_hat).round())
 
     def synthesize(self, u_hat: Tensor, bank: Sequence[Reference]) -> Tensor:
-        """Quantized token symbols (B, d) and a bank of references -> x_hat (B, 3, H, W)."""
+        """Quantized token symbols (B, d) and a bank of references, oldest first -> x_hat (B, 3, H, W)."""
         t_hat = u_hat * self.token_log_step.exp()
         m_c = self.token_decoder(t_hat, bank[0].x_hat.shape[-2:])
         kv = [kv_bank([r.kv[s] for r in bank]) for s in range(len(m_c))]
         aligned, warped = self.alignment(m_c, kv)
-        return self.frame_decoder(aligned, warped)
+        if not self.cfg.hold_mask:
+            return self.frame_decoder(aligned, warped)
+        # log of the RMS difference: it spans 1e-3 (token unchanged) to ~0.5, which a log keeps in reach
+        change = (m_c[0] - bank[-1].motion).square().mean(1, keepdim=True).add(1e-6).log() / 2
+        return self.frame_decoder(aligned, warped, bank[-1].x_hat, change)
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, x_ref: Tensor | None, x_prev: Tensor, x_cur: Tensor, key_step: Tensor | None = None,
