@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from codec.nn.config import IMFConfig
 from codec.nn.layers.resblock import ResBlock
 
-
 # The mask's logit is MASK_GAIN times its convolution: Adam moves each weight by about the learning
 # rate per step, and a head added to trained weights at lr 1e-4 would otherwise need thousands of
 # steps to open (StyleGAN's equalized learning rate, in one constant).
