@@ -172,10 +172,12 @@ class RateControl:
     INTRA_SECONDS = 3.0
     STREAM_OVERHEAD_BITS = 8 * 66  # a 54-byte header, one chunk's 7 bytes of framing, its rANS flush
 
-    def __init__(self, kbps: float, fps: float, window: float = 1.0, horizon: float = 3.0, frames: int | None = None):
+    def __init__(self, kbps: float, fps: float, window: float = 1.0, horizon: float = 3.0, frames: int | None = None,
+                 stream_overhead_bits: int = STREAM_OVERHEAD_BITS):
+        """``stream_overhead_bits``: 0 for a call, whose packets carry all their own framing."""
         self.fill = 1000 * kbps / fps  # bits per frame
         self.capacity = 1000 * kbps * window
-        self.level = -float(self.STREAM_OVERHEAD_BITS)
+        self.level = -float(stream_overhead_bits)
         self.reference_bits = float(self.REFERENCE_GUESS)
         self.intra_budget = 1000 * kbps * self.INTRA_SECONDS
         self.horizon_frames = max(1, min(round(horizon * fps), int(0.8 * frames) if frames else 1 << 30))
@@ -294,7 +296,8 @@ class Encoder:
     def _av1_reference(self, x: Tensor, intra: bool) -> EncodedFrame:
         st = self.state
         if self.av1 is None:
-            packet, picture = self._start_av1(to_uint8(x))
+            self.av1, packet, picture = start_reference_stream(self.model.cfg.resolution, self.av1_fps, to_uint8(x),
+                                                               self.settings.av1_crf, self.rate, self.settings.kbps)
         else:
             packet, picture = self.av1.code(to_uint8(x), intra)
         x_hat = to_tensor(picture)
@@ -309,22 +312,24 @@ class Encoder:
         payload = Av1ReferencesPayload(1, ((0, packet),), (), data)
         return EncodedFrame(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
-    def _start_av1(self, picture: np.ndarray) -> tuple[bytes, np.ndarray]:
-        """The first reference: with a rate target, the AV1 stream takes CRF mode at crf_for_kbps,
-        or where that intra frame would cost more than RateControl.intra_budget, the first of
-        CHEAP_INTRA whose intra frame fits (the cheapest if none)."""
-        if self.rate is None:
-            ladder = [Quantizer(self.settings.av1_crf)]
-        else:
-            ladder = [Quantizer(crf_for_kbps(self.settings.kbps)), *CHEAP_INTRA]
-        for quantizer in ladder[:-1]:
-            self.av1 = ReferenceEncoder(self.model.cfg.resolution, self.av1_fps, quantizer)
-            packet, decoded = self.av1.code(picture, intra=True)
-            if 8 * len(packet) <= self.rate.intra_budget:
-                return packet, decoded
-            self.av1.close()
-        self.av1 = ReferenceEncoder(self.model.cfg.resolution, self.av1_fps, ladder[-1])
-        return self.av1.code(picture, intra=True)
+
+def start_reference_stream(size: int, fps: Fraction, picture: np.ndarray, crf: int, rate: RateControl | None,
+                           kbps: float, budget_bits: float | None = None) -> tuple[ReferenceEncoder, bytes, np.ndarray]:
+    """The AV1 stream and its first, intra reference -> (encoder, packet, decoded picture). Without
+    a rate control, CRF mode at ``crf``; with one, CRF mode at crf_for_kbps(kbps), or where that
+    intra frame would cost more than ``budget_bits`` (default RateControl.intra_budget), the first
+    of CHEAP_INTRA whose intra frame fits (the cheapest if none)."""
+    ladder = [Quantizer(crf)] if rate is None else [Quantizer(crf_for_kbps(kbps)), *CHEAP_INTRA]
+    if rate is not None and budget_bits is not None and ladder[0].crf < MAX_CRF:
+        ladder.insert(1, Quantizer(MAX_CRF))  # a refresh: SVT's coarsest CRF mode before fixed offsets
+    for quantizer in ladder[:-1]:
+        encoder = ReferenceEncoder(size, fps, quantizer)
+        packet, decoded = encoder.code(picture, intra=True)
+        if 8 * len(packet) <= (rate.intra_budget if budget_bits is None else budget_bits):
+            return encoder, packet, decoded
+        encoder.close()
+    encoder = ReferenceEncoder(size, fps, ladder[-1])
+    return encoder, *encoder.code(picture, intra=True)
 
 
 def _chain_start(state: CodecState, u: Tensor) -> Tensor:

@@ -6,6 +6,11 @@ which the receiver acknowledged before the sender used them. What cannot be deco
 (the caller holds the last frame) and never stops the stream. ``feedback()`` returns the datagram
 that tells the sender what arrived; send it back after every ``receive``.
 
+AV1 references (`codec.sender`, ``keyframe_codec="av1"``) form one chain, each predicted from the
+one before it: a reference whose predecessor never arrived cannot be decoded, so it waits (it may
+be only reordered) while the receiver asks for an intra frame and keeps showing frames made from
+the references it holds.
+
 Decoding is split in two so a real-time caller can skip stale frames: ``receive`` does the cheap
 part in arrival order (token decoding, keyframe reassembly, references), ``render`` the expensive
 synthesis, for the frames the caller actually shows.
@@ -19,10 +24,12 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
+from codec.av1_reference import ReferenceDecoder
 from codec.nn.model import IMFCodec, Reference
 from codec.pipeline import decode_keyframe, render
+from codec.video_io import to_tensor
 from entropy import packet as pk
-from entropy.bitstream import BitstreamError, KeyframePayload
+from entropy.bitstream import Av1ReferenceUnit, BitstreamError, KeyframePayload
 
 HISTORY = 256  # frames of decoded tokens kept (the sender reaches back at most 255)
 MAX_PARTIAL = 4  # keyframes being reassembled at once
@@ -54,6 +61,7 @@ class ReceiverStats:
     undecodable: int = 0  # valid packets whose token base or references were missing
     keyframes: int = 0  # reassembled completely
     keyframes_lost: int = 0  # given up on: a newer frame arrived before all fragments
+    av1_breaks: int = 0  # AV1 references that arrived without the one they are predicted from
     keyframe_requests: int = 0
     highest_seq: int = -1
 
@@ -64,6 +72,7 @@ class Partial:
     count: int
     pieces: dict[int, bytes] = field(default_factory=dict)
     given_up: bool = False
+    av1: bool = False  # fragments of an Av1ReferenceUnit, not of a KeyframePayload
 
 
 @dataclass
@@ -78,6 +87,10 @@ class ReceiverState:
     want_keyframe_after: int | None = None  # request a keyframe until a reference newer than this completes
     seqs: set[int] = field(default_factory=set)  # recent sequence numbers, for duplicates
     feedback_seq: int = 0
+    av1: ReferenceDecoder | None = None  # the AV1 chain's decoder, from its last intra frame
+    av1_chain: int = -1  # the newest AV1 reference it decoded
+    av1_waiting: dict[int, tuple[int, Av1ReferenceUnit]] = field(default_factory=dict)  # ref -> (frame, unit),
+    # complete references that arrived before the one they are predicted from
 
 
 class Receiver:
@@ -152,8 +165,9 @@ class Receiver:
             self.stats.duplicates += 1
             return []
         st.newest_ref = max(st.newest_ref, ref)
-        part = st.partial.setdefault(ref, Partial(frame, p.count))
-        if (part.frame, part.count) != (frame, p.count):
+        av1 = isinstance(p, pk.Av1ReferenceFragment)
+        part = st.partial.setdefault(ref, Partial(frame, p.count, av1=av1))
+        if (part.frame, part.count, part.av1) != (frame, p.count, av1):
             self.stats.damaged += 1
             return []
         part.pieces[p.index] = p.data
@@ -162,6 +176,8 @@ class Receiver:
         if len(part.pieces) < part.count:
             return []
         del st.partial[ref]
+        if av1:
+            return self._av1_reference(ref, frame, b"".join(part.pieces[i] for i in range(part.count)))
         try:
             payload = KeyframePayload.from_bytes(b"".join(part.pieces[i] for i in range(part.count)))
             u_hat, x_hat = decode_keyframe(self.model, payload, self.resolution)
@@ -171,6 +187,10 @@ class Receiver:
         if not torch.isfinite(u_hat).all():
             self.stats.damaged += 1
             return []
+        return self._new_reference(ref, frame, x_hat, u_hat)
+
+    def _new_reference(self, ref: int, frame: int, x_hat: Tensor, u_hat: Tensor) -> list[ReceivedFrame]:
+        st = self.state
         st.refs[ref] = self.model.reference(x_hat, u_hat)
         for r in [r for r in st.refs if r <= max(st.refs) - pk.REF_WINDOW]:
             del st.refs[r]  # the feedback (and the sender) can name only the REF_WINDOW newest ids
@@ -179,6 +199,60 @@ class Receiver:
             st.want_keyframe_after = None
         self._remember(frame, u_hat)
         return self._show(ReceivedFrame(frame, Shown.KEYFRAME, x_hat=x_hat))
+
+    # -- AV1 references -------------------------------------------------------------------------
+    def _av1_reference(self, ref: int, frame: int, data: bytes) -> list[ReceivedFrame]:
+        """A complete AV1 reference unit: decoded now if it is intra or the chain's next, else kept
+        until its predecessor arrives (while an intra frame is asked for)."""
+        st = self.state
+        try:
+            unit = Av1ReferenceUnit.from_bytes(data)
+        except BitstreamError:
+            self.stats.damaged += 1
+            return []
+        if ref <= st.av1_chain:  # older than what the decoder has moved past: it can no longer be decoded
+            self.stats.late += 1
+            return []
+        if not unit.intra and (st.av1 is None or ref != st.av1_chain + 1):
+            st.av1_waiting[ref] = (frame, unit)
+            for r in sorted(st.av1_waiting)[:-MAX_PARTIAL]:
+                del st.av1_waiting[r]
+            self.stats.av1_breaks += 1
+            if st.want_keyframe_after is None:
+                self.request_keyframe()
+            return []
+        shown = self._av1_decode(ref, frame, unit)
+        while st.av1 is not None and st.av1_chain + 1 in st.av1_waiting:  # references that were waiting for it
+            shown += self._av1_decode(st.av1_chain + 1, *st.av1_waiting.pop(st.av1_chain + 1))
+        st.av1_waiting = {r: w for r, w in st.av1_waiting.items() if r > st.av1_chain}
+        return shown[-1:]
+
+    def _av1_decode(self, ref: int, frame: int, unit: Av1ReferenceUnit) -> list[ReceivedFrame]:
+        st = self.state
+        if unit.intra:
+            st.av1 = ReferenceDecoder(self.resolution[0])  # an intra frame starts the chain anew
+        try:
+            picture = st.av1.decode(unit.packet)
+        except BitstreamError:
+            self.stats.damaged += 1
+            st.av1 = None  # the decoder's state is no longer the sender's: wait for an intra frame
+            if st.want_keyframe_after is None:
+                self.request_keyframe()
+            return []
+        st.av1_chain = ref
+        base = None if unit.base == 0 else st.tokens.get(frame - unit.base)
+        if unit.base and base is None:  # the chain goes on, but without its token this picture is no reference
+            self.stats.undecodable += 1
+            return []
+        try:
+            u_hat = self.model.decompress_token(unit.token, base)
+        except (ValueError, RuntimeError, IndexError, OverflowError):
+            self.stats.damaged += 1
+            return []
+        if not torch.isfinite(u_hat).all() or u_hat.abs().max() > 1e6:
+            self.stats.damaged += 1
+            return []
+        return self._new_reference(ref, frame, to_tensor(picture), u_hat)
 
     def _give_up_keyframes(self, frame: int) -> None:
         """A packet of a later frame arrived while a keyframe is incomplete: count it lost and
@@ -215,7 +289,8 @@ class Receiver:
         # a whole keyframe went missing (a partly received one would be in ``partial``): the one
         # this frame names, or a newer one the sender says it sent
         named_missing = wanted[-1] > max(st.refs, default=-1) and wanted[-1] not in st.partial
-        newer_missing = p.ref_mask & pk.PENDING and max([*st.refs, *st.partial], default=-1) <= wanted[-1]
+        newer_missing = (p.ref_mask & pk.PENDING
+                         and max([*st.refs, *st.partial, *st.av1_waiting], default=-1) <= wanted[-1])
         if (named_missing or newer_missing) and st.want_keyframe_after is None:
             self.request_keyframe()
         if not bank:

@@ -16,6 +16,16 @@ retransmission (docs/streaming.md):
   this costs 0-0.1 bytes per frame at 1-3 frames of lag against chaining from the previous frame
   (8.0 bytes), where coding tokens on their own would cost 17.8.
 
+With ``keyframe_codec="av1"`` the references are one continuous AV1 stream (`codec.av1_reference`),
+as in a file: a new reference when a `RateControl` bucket at ``kbps`` can pay for one (or every
+``reference_interval`` frames without a rate target), each predicted from the reference sent
+before it. Between references a frame is a token packet or nothing at all (the receiver holds its
+picture), whichever costs less in MSE + ``lmbda`` * bits against what the receiver shows, so a
+held frame costs no bytes. An AV1 reference is acknowledged like a keyframe; one lost makes every
+later inter reference undecodable, so the receiver keeps its last good references (the sender
+codes tokens only against acknowledged ones) and asks for an intra frame, which the sender sends
+as soon as the rate control is out of debt.
+
 State lives in the Sender object (reference store, token history, counters) and nowhere else.
 """
 
@@ -23,16 +33,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
+from codec.av1_reference import MAX_CRF, MIN_CRF, ReferenceEncoder
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import step_index
-from codec.pipeline import KeyframeBudget, encode_keyframe, psnr, render
+from codec.pipeline import (KEYFRAME_CODECS, KeyframeBudget, RateControl, encode_keyframe, mse, psnr, render,
+                            start_reference_stream)
+from codec.video_io import to_tensor, to_uint8
 from entropy import packet as pk
+from entropy.bitstream import Av1ReferenceUnit
 
 HISTORY = 255  # frames of tokens kept: the farthest a TOKEN packet's 8-bit ``base`` reaches
+LOSS_MEMORY = 10.0  # seconds after an intra request during which AV1 inter references are sent in copies
+REFRESH_SECONDS = 1.0  # of the rate target: the most an AV1 intra refresh may cost, where a cheaper one exists
 
 
 @dataclass(frozen=True)
@@ -48,16 +65,35 @@ class SenderSettings:
     max_kbps: float = 0.0  # 0: no cap; else the quality floor's keyframes wait for a KeyframeBudget
     # (keyframes the receiver asks for, and the first, are sent regardless: they end a frozen picture)
     keyframe_step: float = 1.0  # quantization step of keyframe images, one of KEYFRAME_STEPS
+    keyframe_codec: str = "learned"  # or "av1": references as one AV1 stream; the fields below are its
+    kbps: float = 0.0  # rate target of the media packets, headers included; 0: a reference every reference_interval
+    reference_interval: int = 6  # frames from one AV1 reference to the next, without a rate target
+    av1_crf: int = 58  # SVT-AV1 CRF of the references, without a rate target
+    intra_interval: int = 1500  # frames between AV1 intra frames; 0: only the first and those asked for
+    lmbda: float = 1e-6  # MSE per bit in the token-or-hold decision
+    reference_copies: int = 2  # after a loss, each AV1 inter reference's packets go out this many times (same
+    # sequence numbers): a lost one breaks the chain until an intra frame, so on a lossy link a copy is cheap
+    # insurance; on a clean one it would halve the references, so copies are sent only for LOSS_MEMORY
+    # seconds after the receiver last asked for an intra frame
 
     def __post_init__(self) -> None:
         step_index(self.keyframe_step)
         if not 1 <= self.bank_size < pk.REF_WINDOW:
             raise ValueError(f"bank_size must be in 1..{pk.REF_WINDOW - 1}")
+        if self.keyframe_codec not in KEYFRAME_CODECS:
+            raise ValueError(f"keyframe codec must be one of {', '.join(KEYFRAME_CODECS)}, not {self.keyframe_codec!r}")
+        if not MIN_CRF <= self.av1_crf <= MAX_CRF:
+            raise ValueError(f"AV1 CRF must be {MIN_CRF} to {MAX_CRF}, not {self.av1_crf}")
+        if self.reference_interval < 1 or self.intra_interval < 0 or self.kbps < 0 or self.lmbda < 0:
+            raise ValueError("reference interval must be at least 1; intra interval, kbps and lambda not negative")
+        if not 1 <= self.reference_copies <= 3:
+            raise ValueError(f"reference copies must be 1 to 3, not {self.reference_copies}")
 
 
 class FrameKind(IntEnum):
-    KEYFRAME = 1
+    KEYFRAME = 1  # a new reference: a learned keyframe or an AV1 reference
     TOKEN = 2
+    HOLD = 3  # nothing sent: the receiver keeps showing its picture (AV1 references only)
 
 
 @dataclass
@@ -92,20 +128,35 @@ class SenderState:
 
 class Sender:
     def __init__(self, model: IMFCodec, settings: SenderSettings = SenderSettings(), fps: float = 25.0):
-        """``fps`` (the capture rate) only matters with a rate cap: it turns kbps into bits per frame."""
+        """``fps`` (the capture rate) turns kbps into bits per frame and times the AV1 stream."""
         self.model = model.eval()
         self.settings = settings
         self.state = SenderState()
         self.budget = KeyframeBudget(settings.max_kbps, fps)
+        # -- the AV1 reference stream
+        self.av1: ReferenceEncoder | None = None
+        self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
+        self.rate = RateControl(settings.kbps, fps, stream_overhead_bits=0) if settings.kbps else None
+        self.shown: Tensor | None = None  # what the receiver shows now, as far as the sender knows
+        self.last_intra = 0
+        self.fps = fps
+        self.last_request: int | None = None  # frame at which the receiver last asked for an intra frame
 
     # -- frames -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> SentFrame:
         """One frame (1, 3, R, R) in [0, 1] -> the packets to send now."""
+        if self.settings.keyframe_codec == "av1":
+            return self._encode_av1(x)
         self.budget.next_frame()
         sent = self._encode(x)
         self.budget.pay(8 * sum(len(p) for p in sent.packets), sent.kind == FrameKind.KEYFRAME)
         return sent
+
+    def close(self) -> None:
+        """End the AV1 reference stream, if any (no frame may follow)."""
+        if self.av1 is not None:
+            self.av1.close()
 
     def _encode(self, x: Tensor) -> SentFrame:
         s, st = self.settings, self.state
@@ -132,22 +183,107 @@ class Sender:
         """Let a frame go unsent (a busy sender drops it at capture); frame ids stay source indices."""
         self.state.frame += 1
         self.budget.next_frame()
+        if self.rate:
+            self.rate.next_frame()
+
+    # -- the AV1 reference stream ---------------------------------------------------------------
+    def _encode_av1(self, x: Tensor) -> SentFrame:
+        s, st, rate = self.settings, self.state, self.rate
+        fid = st.frame
+        st.frame += 1
+        if rate:
+            rate.next_frame()
+        # an intra frame the receiver asks for waits until the bucket is out of debt: under heavy
+        # loss the requests would otherwise take the whole rate
+        requested = (st.keyframe_requested and fid - st.last_keyframe >= s.min_keyframe_gap
+                     and (rate is None or rate.affords(0)))
+        intra = self.av1 is None or requested or bool(s.intra_interval and fid - self.last_intra >= s.intra_interval)
+        bank_ids = self._bank()
+        since = fid - st.refs[st.next_ref - 1].frame if st.refs else None
+        if rate:
+            due = since is not None and since >= 1 and rate.affords(rate.reference_bits)
+        else:
+            due = since is not None and since >= s.reference_interval
+        due = due and not st.keyframe_requested  # the receiver's chain is broken: inter references are wasted
+        if intra or due or not bank_ids:
+            return self._av1_reference(fid, x, intra)
+        base = self._token_base(fid)
+        data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.tokens[base] if base is not None else None)
+        bits = 8 * (pk.OVERHEAD + len(data))  # the token packet's size
+        hold_cost = mse(self.shown, x)
+        if rate is None or rate.affords(bits):
+            x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
+            if mse(x_hat, x) + s.lmbda * bits < hold_cost:
+                st.tokens[fid] = u_hat
+                self._forget(fid)
+                self.shown = x_hat
+                if rate:
+                    rate.pay(bits)
+                return SentFrame(fid, FrameKind.TOKEN, [self._token_packet(fid, base, bank_ids, data)], x_hat,
+                                 psnr(x_hat, x))
+        return SentFrame(fid, FrameKind.HOLD, [], self.shown, psnr(self.shown, x))
+
+    def _av1_reference(self, fid: int, x: Tensor, intra: bool) -> SentFrame:
+        s, st = self.settings, self.state
+        if self.av1 is None or (intra and self.rate):
+            # a refresh starts a new stream, whose intra frame fits REFRESH_SECONDS of the rate: it
+            # answers a loss, and the first intra frame's 3 s would take the whole rate again
+            if self.av1 is not None:
+                self.av1.close()
+            budget = None if self.av1 is None else 1000 * s.kbps * REFRESH_SECONDS
+            self.av1, av1_packet, picture = start_reference_stream(self.model.cfg.resolution, self.av1_fps, to_uint8(x),
+                                                                   s.av1_crf, self.rate, s.kbps, budget)
+        else:
+            av1_packet, picture = self.av1.code(to_uint8(x), intra)
+        x_hat = to_tensor(picture)
+        base = self._token_base(fid)
+        u = self.model.token_symbols(x_hat)  # the token of the picture both sides hold, as in training
+        data, u_hat = self.model.compress_token(u, st.tokens[base] if base is not None else None)
+        unit = Av1ReferenceUnit(intra, fid - base if base is not None else 0, data, av1_packet)
+        ref = st.next_ref
+        st.next_ref += 1
+        st.refs[ref] = SentReference(fid, u_hat, x_hat)
+        st.tokens[fid] = u_hat
+        if intra:
+            st.last_keyframe = fid
+            st.keyframe_requested = False
+            self.last_intra = fid
+        pieces = pk.fragment(unit.to_bytes(), s.max_packet)
+        packets = [pk.to_bytes(pk.Av1ReferenceFragment(self._seq(), fid, ref & 0xFF, i, len(pieces), piece))
+                   for i, piece in enumerate(pieces)]
+        lossy = self.last_request is not None and fid - self.last_request < LOSS_MEMORY * self.fps
+        if lossy and not intra:  # an intra frame is dear, and a lost one is asked for again
+            packets *= s.reference_copies
+        if self.rate:
+            self.rate.pay(8 * sum(map(len, packets)), reference=True, intra=intra)
+        self._forget(fid)
+        self.shown = x_hat
+        return SentFrame(fid, FrameKind.KEYFRAME, packets, x_hat, psnr(x_hat, x))
 
     def _token_frame(self, fid: int, u: Tensor, x: Tensor, bank_ids: list[int]) -> SentFrame:
         st = self.state
-        base = st.acked_frame if 0 < fid - st.acked_frame <= HISTORY and st.acked_frame in st.tokens else None
+        base = self._token_base(fid)
         data, u_hat = self.model.compress_token(u, st.tokens[base] if base is not None else None)
         st.tokens[fid] = u_hat
         x_hat = quality = None
         if self.settings.quality_floor > 0:
             x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
             quality = psnr(x_hat, x)
+        packet = self._token_packet(fid, base, bank_ids, data)
+        self._forget(fid)
+        return SentFrame(fid, FrameKind.TOKEN, [packet], x_hat, quality)
+
+    def _token_base(self, fid: int) -> int | None:
+        """The frame whose token the next one is a delta from: the newest the receiver decoded exactly."""
+        st = self.state
+        return st.acked_frame if 0 < fid - st.acked_frame <= HISTORY and st.acked_frame in st.tokens else None
+
+    def _token_packet(self, fid: int, base: int | None, bank_ids: list[int], data: bytes) -> bytes:
+        st = self.state
         ref, mask = pk.ref_set(bank_ids)
         if any(not r.acked for i, r in st.refs.items() if i > bank_ids[-1]):
             mask |= pk.PENDING
-        p = pk.TokenPacket(self._seq(), fid, fid - base if base is not None else 0, ref, mask, data)
-        self._forget(fid)
-        return SentFrame(fid, FrameKind.TOKEN, [pk.to_bytes(p)], x_hat, quality)
+        return pk.to_bytes(pk.TokenPacket(self._seq(), fid, fid - base if base is not None else 0, ref, mask, data))
 
     def _keyframe(self, fid: int, x: Tensor) -> SentFrame:
         st = self.state
@@ -192,6 +328,7 @@ class Sender:
             after = fb.flags & pk.Flags.HAS_ACK and st.last_keyframe is not None and frame >= st.last_keyframe
             if after or not fb.flags & pk.Flags.HAS_ACK or st.last_keyframe is None:
                 st.keyframe_requested = True
+                self.last_request = st.frame
         return True
 
     # -- state helpers ------------------------------------------------------------------------

@@ -256,6 +256,34 @@ class KeyframePayload:
 
 
 @dataclass(frozen=True)
+class Av1ReferenceUnit:
+    """One AV1 reference as a call sends it (packet type AV1_REFERENCE, docs/streaming.md):
+    ``intra`` (decodable on its own: the receiver starts its AV1 decoder anew) or predicted from the
+    reference sent just before it; ``base``, as in a TOKEN packet, the frames back to the token that
+    the reference's token is a delta from (0: coded on its own); the token's rANS bytes; the AV1
+    packet.
+
+        unit = flags:u8 (bit 0: intra) base:u8 token_length:varint token av1_packet"""
+
+    intra: bool
+    base: int
+    token: bytes
+    packet: bytes
+
+    def to_bytes(self) -> bytes:
+        return bytes([int(self.intra), self.base]) + _varint(len(self.token)) + self.token + self.packet
+
+    @staticmethod
+    def from_bytes(payload: bytes) -> "Av1ReferenceUnit":
+        if len(payload) < 3 or payload[0] > 1:
+            raise BitstreamError("malformed AV1 reference unit")
+        n, pos = _read_varint(payload, 2)
+        if pos + n >= len(payload):
+            raise BitstreamError("malformed AV1 reference unit (no AV1 packet after the token)")
+        return Av1ReferenceUnit(bool(payload[0]), payload[1], payload[pos:pos + n], payload[pos + n:])
+
+
+@dataclass(frozen=True)
 class TokenRunPayload:
     frames: int
     tokens: bytes  # rANS bytes of the frames' token deltas, frame after frame

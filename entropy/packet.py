@@ -4,6 +4,7 @@
     KEYFRAME   fields = ref:u8 index:u8 count:u8      payload = fragment of a KeyframePayload
     TOKEN      fields = base:u8 ref:u8 ref_mask:u8    payload = rANS bytes of the token
     FEEDBACK   fields = ref:u8 ref_mask:u8 flags:u8   payload = empty   (receiver -> sender)
+    AV1_REFERENCE fields = ref:u8 index:u8 count:u8   payload = fragment of an Av1ReferenceUnit
 
 Every packet stands on its own: a datagram can be lost, duplicated or reordered without making
 any other one unreadable. Counters on the wire are 8 or 16 bits and wrap; ``unwrap`` turns them
@@ -36,10 +37,12 @@ class PacketType(IntEnum):
     KEYFRAME = 1  # one fragment of a keyframe (new reference)
     TOKEN = 2  # one frame's token
     FEEDBACK = 3  # receiver state: newest decoded frame, references held, keyframe request
+    AV1_REFERENCE = 4  # one fragment of an AV1-coded reference (new reference)
 
 
 class Flags(IntEnum):
-    KEYFRAME_REQUEST = 1  # like RTCP PLI: the receiver lost a keyframe and asks for a fresh one
+    KEYFRAME_REQUEST = 1  # like RTCP PLI: the receiver lost a keyframe (or an AV1 reference) and asks for a
+    # fresh one (an AV1 intra frame)
     HAS_ACK = 2  # ``frame`` names a frame whose token the receiver decoded exactly
     HAS_REFS = 4  # ``ref``/``ref_mask`` name the references the receiver holds
 
@@ -53,6 +56,13 @@ class KeyframeFragment:
     count: int
     data: bytes
     type = PacketType.KEYFRAME
+
+
+@dataclass(frozen=True)
+class Av1ReferenceFragment(KeyframeFragment):
+    """A fragment of an AV1 reference: the fields of a keyframe fragment, another payload."""
+
+    type = PacketType.AV1_REFERENCE
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ class Feedback:
         return b""
 
 
-Packet = KeyframeFragment | TokenPacket | Feedback
+Packet = KeyframeFragment | Av1ReferenceFragment | TokenPacket | Feedback
 
 
 def _fields(p: Packet) -> tuple[int, int, int]:
@@ -117,10 +127,11 @@ def from_bytes(data: bytes) -> Packet:
     if version != PACKET_VERSION:
         raise PacketError(f"packet format version {version}, this imfc speaks {PACKET_VERSION}")
     payload = bytes(data[_HEAD.size:-2])
-    if kind == PacketType.KEYFRAME:
+    if kind in (PacketType.KEYFRAME, PacketType.AV1_REFERENCE):
         if c == 0 or b >= c:
             raise PacketError(f"fragment {b} of {c}")
-        return KeyframeFragment(seq, frame, a, b, c, payload)
+        cls = KeyframeFragment if kind == PacketType.KEYFRAME else Av1ReferenceFragment
+        return cls(seq, frame, a, b, c, payload)
     if kind == PacketType.TOKEN:
         return TokenPacket(seq, frame, a, b, c, payload)
     if kind == PacketType.FEEDBACK:
@@ -131,7 +142,7 @@ def from_bytes(data: bytes) -> Packet:
 
 
 def fragment(payload: bytes, max_packet: int = MAX_PACKET) -> list[bytes]:
-    """Split a keyframe payload into pieces that fit packets of ``max_packet`` bytes."""
+    """Split a keyframe payload (or AV1 reference unit) into pieces that fit packets of ``max_packet`` bytes."""
     room = max_packet - OVERHEAD
     pieces = [payload[i:i + room] for i in range(0, len(payload), room)] or [b""]
     if len(pieces) > MAX_FRAGMENTS:

@@ -68,6 +68,7 @@ class CallConfig:
 class SenderSummary:
     frames: int = 0
     not_sent: int = 0
+    sender_holds: int = 0
     keyframes_sent: int = 0
     packets_sent: int = 0
     packets_dropped: int = 0  # by this side's impairment layer
@@ -138,6 +139,7 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
     except asyncio.TimeoutError:
         raise CallError("the call timed out (is the receiver running, with the same model?)") from None
     finally:
+        pool.submit(sender.close)  # on the model's thread, after any frame still being coded
         pool.shutdown(wait=True)
         await pc.close()
 
@@ -171,6 +173,7 @@ async def _send_frames(sender: Sender, pool: ThreadPoolExecutor, reader: "Prefet
         else:
             sent = await loop.run_in_executor(pool, step, frame)
             summary.keyframes_sent += sent.kind == FrameKind.KEYFRAME
+            summary.sender_holds += sent.kind == FrameKind.HOLD
             summary.packets_sent += len(sent.packets)
             for p in sent.packets:
                 out.send(p)
@@ -277,6 +280,7 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
             captured = []
         report = summarize(
             session.played, source, float(hello.fps), captured, not_sent=_count(bye, "not_sent"),
+            sender_holds=_count(bye, "sender_holds"),
             keyframes_sent=_count(bye, "keyframes_sent"), keyframe_requests=session.receiver.stats.keyframe_requests,
             packets_sent=_count(bye, "packets_sent"), packets_lost=_count(bye, "packets_dropped"),
             media_bytes=_count(bye, "media_bytes"), feedback_bytes=session.feedback.bytes)

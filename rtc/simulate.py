@@ -88,6 +88,7 @@ def simulate_call(model: IMFCodec, frames: Iterable[Tensor], fps: float, setting
             if drop is None or not drop(packet_index, data):
                 send(now, data, True)
             packet_index += 1
+    sender.close()
     deliver_until(float("inf"))
     call.played += playout.finish(len(call.sent))
     return call

@@ -119,3 +119,25 @@ def test_simulated_call_with_rate_cap(tiny_weights, clip, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         call_main(["simulate", str(clip), "--max-kbps", "-1"])
     assert exit_info.value.code == 2 and "--max-kbps" in capsys.readouterr().err
+
+
+def test_loopback_call_with_av1_references(tiny_weights, clip, tmp_path):
+    """A real call whose references are one AV1 stream: each decoded, frames held where the sender
+    chose to hold (no packet), the report counting those holds."""
+    r = call(tmp_path, tiny_weights, clip, ["--keyframe-codec", "av1", "--kbps", "0", "--reference-interval", "4"])
+    assert r["keyframes_sent"] == FRAMES // 4 and r["keyframes"] >= 2
+    assert r["sender_holds"] <= r["held"] and r["psnr"] > 0
+
+
+def test_simulated_av1_call_and_its_bad_options(tiny_weights, clip, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    args = ["simulate", str(clip), "--weights", str(tiny_weights), "--keyframe-codec", "av1", "--kbps", "20"]
+    assert call_main([*args, "--loss", "20", "--seed", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["frames"] == FRAMES and r["keyframes_sent"] >= 1 and r["kbps"] > 0
+    for bad in (["--av1-crf", "70"], ["--kbps", "-1"], ["--reference-interval", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            call_main([*args, *bad])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "AV1 CRF" in err and "--kbps" in err

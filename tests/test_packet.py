@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from entropy import packet as pk
 
 u8, u16 = st.integers(0, 255), st.integers(0, 65535)
-fragments = st.integers(1, 255).flatmap(lambda n: st.builds(
-    pk.KeyframeFragment, seq=u16, frame=u16, ref=u8, index=st.integers(0, n - 1), count=st.just(n),
+fragments = st.tuples(st.integers(1, 255), st.sampled_from([pk.KeyframeFragment, pk.Av1ReferenceFragment])).flatmap(
+    lambda nc: st.builds(nc[1], seq=u16, frame=u16, ref=u8, index=st.integers(0, nc[0] - 1), count=st.just(nc[0]),
     data=st.binary(max_size=pk.MAX_PACKET - pk.OVERHEAD)))
 tokens = st.builds(pk.TokenPacket, seq=u16, frame=u16, base=u8, ref=u8, ref_mask=u8,
                    data=st.binary(max_size=100))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from codec.nn.keyframe_codec import KEYFRAME_STEPS
+from codec.pipeline import KEYFRAME_CODECS
 from codec.sender import FrameKind, SenderSettings
 from codec.video_io import to_tensor
 from codec.nn.weights import load_weights
@@ -40,15 +41,37 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", type=float, default=0.0, help="percent of this side's datagrams to drop")
     p.add_argument("--delay", type=float, default=0.0, help="one-way delay added to this side's datagrams, ms")
     p.add_argument("--jitter", type=float, default=0.0, help="extra random delay in [0, JITTER) ms per datagram")
-    p.add_argument("--kbps", type=float, default=0.0, help="bandwidth cap on this side's datagrams (0: none)")
+    p.add_argument("--link-kbps", type=float, default=0.0, help="bandwidth cap on this side's datagrams (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the impairment layer")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the other side")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default %(default)s)")
 
 
 def call_config(args: argparse.Namespace) -> CallConfig:
-    link = LinkConfig(args.loss / 100, args.delay / 1000, args.jitter / 1000, args.kbps, seed=args.seed)
+    link = LinkConfig(args.loss / 100, args.delay / 1000, args.jitter / 1000, args.link_kbps, seed=args.seed)
     return CallConfig(args.host, args.port, link, args.timeout)
+
+
+def add_coding(p: argparse.ArgumentParser, defaults: SenderSettings) -> None:
+    p.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default=defaults.keyframe_codec,
+                   help="references: learned keyframes, or one AV1 stream (default %(default)s)")
+    p.add_argument("--kbps", type=float, default=defaults.kbps,
+                   help="AV1 references: rate target of the media packets, headers included; 0: a reference "
+                        "every --reference-interval frames at --av1-crf (default %(default)s)")
+    p.add_argument("--av1-crf", type=int, default=defaults.av1_crf, help="AV1 references without --kbps: "
+                   "their SVT-AV1 CRF, 1-63 (default %(default)s)")
+    p.add_argument("--reference-interval", type=int, default=defaults.reference_interval,
+                   help="AV1 references without --kbps: frames from one to the next (default %(default)s)")
+    p.add_argument("--intra-interval", type=int, default=defaults.intra_interval,
+                   help="AV1 references: frames between intra frames, 0 for only the first and those the "
+                        "receiver asks for (default %(default)s)")
+
+
+def sender_settings(args: argparse.Namespace) -> SenderSettings:
+    return SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size, max_kbps=args.max_kbps,
+                          keyframe_step=args.keyframe_step, keyframe_codec=args.keyframe_codec, kbps=args.kbps,
+                          reference_interval=args.reference_interval, av1_crf=args.av1_crf,
+                          intra_interval=args.intra_interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--keyframe-step", type=float, default=defaults.keyframe_step, choices=KEYFRAME_STEPS,
                       help="quantization step of keyframe images: coarser is cheaper and blurrier (default %(default)s)")
     send.add_argument("--json", type=Path, default=None, help="write the receiver's report here as JSON")
+    add_coding(send, defaults)
     add_common(send)
     recv = sub.add_parser("recv", help="wait for a call and write what it shows to a video file")
     recv.add_argument("--out", type=Path, required=True, help="output video (.mp4, .mkv, .y4m, or a folder of PNGs)")
@@ -92,13 +116,19 @@ def main(argv: list[str] | None = None) -> int:
                      help="also run the call with the first fragment of keyframe K (0: the first) dropped, "
                           "and report how long it takes to recover")
     sim.add_argument("--json", type=Path, default=None, help="write the report here as JSON")
+    add_coding(sim, defaults)
     add_common(sim)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     if not 0 <= args.loss <= 100:
         parser.error("--loss is a percentage in 0..100")
-    if getattr(args, "max_kbps", 0) < 0:
-        parser.error("--max-kbps must be 0 (no cap) or positive")
+    if getattr(args, "max_kbps", 0) < 0 or getattr(args, "kbps", 0) < 0 or args.link_kbps < 0:
+        parser.error("--max-kbps, --kbps and --link-kbps must be 0 (none) or positive")
+    if args.role != "recv":
+        try:
+            sender_settings(args)
+        except ValueError as e:
+            parser.error(str(e))
     if args.role == "send" and args.fps is not None and args.fps <= 0:
         parser.error("--fps must be positive")
 
@@ -108,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.role == "simulate":
                 return simulate(model, args)
             if args.role == "send":
-                settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size,
-                                          max_kbps=args.max_kbps, keyframe_step=args.keyframe_step)
+                settings = sender_settings(args)
                 source = open_source(args.source, model.cfg.resolution, args.frames, args.crop)
                 if args.fps:
                     source.fps = Fraction(args.fps).limit_denominator(1001)
@@ -140,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def simulate(model, args: argparse.Namespace) -> int:
-    settings = SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size,
-                              max_kbps=args.max_kbps, keyframe_step=args.keyframe_step)
+    settings = sender_settings(args)
     source = open_source(args.source, model.cfg.resolution, args.frames)
     images = list(source.frames)
     frames = [to_tensor(f) for f in images]
@@ -154,7 +182,7 @@ def simulate(model, args: argparse.Namespace) -> int:
     else:
         call = simulate_call(model, frames, fps, settings, link, replace(link, seed=link.seed + 1))
     report = summarize(
-        call.played, images, fps, call.captured, not_sent=0,
+        call.played, images, fps, call.captured, not_sent=0, sender_holds=call.sent.count(FrameKind.HOLD),
         keyframes_sent=sum(k == FrameKind.KEYFRAME for k in call.sent),
         keyframe_requests=call.receiver.stats.keyframe_requests, packets_sent=call.forward.stats.sent,
         packets_lost=call.forward.stats.dropped, media_bytes=call.media_bytes, feedback_bytes=call.feedback_bytes)

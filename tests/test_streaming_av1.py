@@ -1,0 +1,149 @@
+"""Calls with AV1 references: the chain of inter references, its breaks under loss, intra refresh."""
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from codec.receiver import Receiver
+from codec.sender import FrameKind, Sender, SenderSettings
+from codec.video_io import to_tensor
+from codec.nn.weights import load_weights
+from entropy import packet as pk
+from entropy.bitstream import Av1ReferenceUnit, BitstreamError
+from rtc.impairment import LinkConfig
+from rtc.playout import Outcome
+from rtc.simulate import simulate_call
+from tests.conftest import moving_square_clip
+from tests.test_streaming import assert_exact_where_shown, mutate
+
+# a reference every 4 frames at CRF 50; lambda 0: a token wherever it beats holding at all
+AV1 = SenderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=50, lmbda=0.0)
+LINK = LinkConfig(delay=0.02)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_weights):
+    return load_weights(tiny_weights)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return [to_tensor(f) for f in moving_square_clip(40, 64)]
+
+
+def av1_refs(call) -> list[int]:
+    return [i for i, k in enumerate(call.sent) if k == FrameKind.KEYFRAME]
+
+
+def assert_holds_exact(call):
+    """A frame the sender held shows at the receiver exactly what the sender believed it showed."""
+    for p in call.played:
+        if call.sent[p.frame] == FrameKind.HOLD and p.outcome == Outcome.HELD:
+            assert np.array_equal(p.image, call.recon[p.frame]), f"held frame {p.frame} differs"
+
+
+def test_unit_round_trip_and_malformed():
+    unit = Av1ReferenceUnit(True, 3, b"tok", b"\x12\x00av1")
+    assert Av1ReferenceUnit.from_bytes(unit.to_bytes()) == unit
+    for bad in (b"", b"\x00\x00", b"\x02\x00\x00a", b"\x00\x00\x05abc", b"\x00\x00\x03tok"):
+        with pytest.raises(BitstreamError):
+            Av1ReferenceUnit.from_bytes(bad)
+    fragment = pk.Av1ReferenceFragment(1, 2, 3, 0, 1, unit.to_bytes())
+    parsed = pk.from_bytes(pk.to_bytes(fragment))
+    assert parsed == fragment and type(parsed) is pk.Av1ReferenceFragment
+    assert parsed != pk.KeyframeFragment(1, 2, 3, 0, 1, unit.to_bytes())
+
+
+def test_lossless_av1_call_equals_closed_loop(model, frames):
+    call = simulate_call(model, frames, 25, AV1, LINK, LINK)
+    assert [p.frame for p in call.played] == list(range(40))
+    assert av1_refs(call) == list(range(0, 40, 4))
+    assert call.receiver.stats.keyframes == 10 and call.receiver.stats.av1_breaks == 0
+    assert call.receiver.stats.keyframe_requests == 0
+    assert {FrameKind.TOKEN, FrameKind.HOLD} <= set(call.sent)  # both decisions happen on this clip
+    assert_exact_where_shown(call)
+    assert_holds_exact(call)
+
+
+def test_lost_inter_reference_keeps_the_last_good_one_and_asks_for_an_intra_frame(model, frames):
+    """The inter reference at frame 8 is lost. The next token packet says a newer reference is
+    pending, the receiver has no trace of it and asks for an intra frame; meanwhile it shows token
+    frames made exactly from the references it holds, and the intra frame restarts the chain."""
+    def drop(i, data):
+        p = pk.from_bytes(data)
+        return isinstance(p, pk.Av1ReferenceFragment) and p.frame == 8
+
+    call = simulate_call(model, frames, 25, replace(AV1, reference_copies=1), LINK, LINK, drop=drop)
+    assert call.receiver.stats.keyframe_requests == 1
+    refs = av1_refs(call)
+    intra = call.sender.last_intra
+    assert refs[:3] == [0, 4, 8] and 9 < intra <= 12 and intra in refs  # answered after one round trip
+    assert call.played[8].outcome == Outcome.HELD
+    assert call.played[9].outcome == Outcome.TOKEN  # from the references of frames 0 and 4
+    assert call.played[intra].outcome == Outcome.KEYFRAME
+    assert [p.outcome for p in call.played[intra + 1:]].count(Outcome.KEYFRAME) >= 5  # the new chain goes on
+    assert_exact_where_shown(call)
+
+
+def test_reordered_reference_waits_for_its_predecessor(model, frames):
+    sender = Sender(model, AV1)
+    packets = {}
+    for i, x in enumerate(frames[:9]):
+        packets[i] = sender.encode(x).packets
+    sender.close()
+    receiver = Receiver(model, (64, 64))
+    for i in range(4):
+        for data in packets[i]:
+            receiver.receive(data)
+    for data in packets[8]:  # reference 2 before reference 1: it cannot be decoded yet
+        receiver.receive(data)
+    assert sorted(receiver.state.refs) == [0] and receiver.stats.av1_breaks == 1
+    assert pk.from_bytes(receiver.feedback()).flags & pk.Flags.KEYFRAME_REQUEST
+    for data in packets[4]:
+        receiver.receive(data)
+    assert sorted(receiver.state.refs) == [0, 1, 2]
+    assert receiver.state.av1_chain == 2 and not receiver.state.av1_waiting
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_twenty_percent_loss_every_frame_accounted_for(model, frames, seed):
+    link = dict(loss=0.2, delay=0.02, jitter=0.06)
+    call = simulate_call(model, frames, 25, AV1, LinkConfig(**link, seed=seed), LinkConfig(**link, seed=seed + 100))
+    assert [p.frame for p in call.played] == list(range(40))
+    assert call.forward.stats.dropped > 0
+    assert sum(p.outcome == Outcome.KEYFRAME for p in call.played) >= 3
+    assert_exact_where_shown(call)
+
+
+def test_rate_target_holds_over_four_seconds(model):
+    clip = [to_tensor(f) for f in moving_square_clip(100, 64)]
+    s = SenderSettings(keyframe_codec="av1", kbps=6.0)
+    call = simulate_call(model, clip, 25, s, LINK, LINK)
+    kbps = 8 * call.media_bytes / 1000 / 4.0
+    assert 0.5 * 6.0 < kbps <= 1.1 * 6.0
+    assert len(av1_refs(call)) > 3
+    assert_exact_where_shown(call)
+
+
+def test_receiver_survives_a_mutated_av1_stream(model, frames):
+    """Every packet of a real AV1 call, mutated behind a valid check, in random order: no exception,
+    only newer frames, bounded state; the clean stream then still decodes from its intra frame."""
+    sender = Sender(model, AV1)
+    stream = [data for x in frames[:12] for data in sender.encode(x).packets]
+    sender.close()
+    rng = random.Random(3)
+    receiver = Receiver(model, (64, 64))
+    last = -1
+    for _ in range(300):
+        data = stream[rng.randrange(len(stream))]
+        data = mutate(data, rng) if rng.random() < 0.7 else data
+        for f in receiver.receive(data):
+            assert f.frame > last
+            last = f.frame
+            assert receiver.render(f).shape[-2:] == (64, 64)
+    assert len(receiver.state.refs) <= pk.REF_WINDOW and len(receiver.state.av1_waiting) <= 4
+    fresh = Receiver(model, (64, 64))
+    shown = [f.frame for data in stream for f in fresh.receive(data)]
+    assert shown[:1] == [0] and len(shown) >= 3
