@@ -49,6 +49,10 @@ from entropy.bitstream import Av1ReferenceUnit
 
 HISTORY = 255  # frames of tokens kept: the farthest a TOKEN packet's 8-bit ``base`` reaches
 LOSS_MEMORY = 10.0  # seconds after an intra request during which AV1 inter references are sent in copies
+RESEND_MAX = 4  # references resent at most at once: the receiver keeps 4 waiting for a missing one
+RESEND_KEEP = 8  # AV1 references whose packets the sender keeps for resending
+RESEND_GAP = 3  # frames between two resends (about a round trip at 25 fps on a regional link)
+RESEND_TRIES = 3  # resends without progress before an intra frame instead
 REFRESH_SECONDS = 1.0  # of the rate target: the most an AV1 intra refresh may cost, where a cheaper one exists
 
 
@@ -141,6 +145,12 @@ class Sender:
         self.last_intra = 0
         self.fps = fps
         self.last_request: int | None = None  # frame at which the receiver last asked for an intra frame
+        self.receiver_newest: int | None = None  # the newest reference the receiver said it holds
+        self.request_newest: int | None = None  # ... in the feedback that made the last request
+        self.intra_ref = 0  # the reference id of the newest intra frame
+        self.ref_packets: dict[int, list[bytes]] = {}  # the newest AV1 references' packets, for resending
+        self.last_resend: int | None = None
+        self.resend_tries = 0  # resends since the receiver's newest reference last moved
 
     # -- frames -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -193,10 +203,12 @@ class Sender:
         st.frame += 1
         if rate:
             rate.next_frame()
-        # an intra frame the receiver asks for waits until the bucket is out of debt: under heavy
-        # loss the requests would otherwise take the whole rate
-        requested = (st.keyframe_requested and fid - st.last_keyframe >= s.min_keyframe_gap
-                     and (rate is None or rate.affords(0)))
+        resent = self._resend(fid) if st.keyframe_requested else []
+        # where resending cannot mend the chain, an intra frame: it waits until the bucket is out of
+        # debt (under heavy loss requests would otherwise take the whole rate), unless the receiver
+        # has no picture at all
+        requested = (resent is None and fid - st.last_keyframe >= s.min_keyframe_gap
+                     and (rate is None or rate.affords(0) or self.receiver_newest is None))
         intra = self.av1 is None or requested or bool(s.intra_interval and fid - self.last_intra >= s.intra_interval)
         bank_ids = self._bank()
         since = fid - st.refs[st.next_ref - 1].frame if st.refs else None
@@ -204,8 +216,41 @@ class Sender:
             due = since is not None and since >= 1 and rate.affords(rate.reference_bits)
         else:
             due = since is not None and since >= s.reference_interval
-        due = due and not st.keyframe_requested  # the receiver's chain is broken: inter references are wasted
-        if intra or due or not bank_ids:
+        due = due and resent is not None  # while an intra frame is due, inter references would be wasted
+        if resent:
+            if rate:  # an intra frame sent again is paid like one, over 3 s
+                newest = self.request_newest
+                rate.pay(8 * sum(map(len, resent)), intra=newest is None or newest < self.intra_ref)
+            st.keyframe_requested = False
+        out = self._av1_frame(fid, x, bank_ids, intra or due or not bank_ids, intra)
+        out.packets[:0] = resent or []
+        return out
+
+    def _resend(self, fid: int) -> list[bytes] | None:
+        """The packets of the references the receiver lacks since its newest one, to send again
+        (a NACK answered: tens of bytes where an intra frame costs hundreds); [] if they went out
+        less than RESEND_GAP frames ago; None if resending cannot mend the chain (too many
+        missing, no longer kept, or tried RESEND_TRIES times): then an intra frame is due."""
+        st = self.state
+        if self.resend_tries >= RESEND_TRIES:
+            return None
+        if self.last_resend is not None and fid - self.last_resend < RESEND_GAP:
+            return []
+        newest = self.request_newest
+        start = self.intra_ref if newest is None or newest >= st.next_ref else max(newest + 1, self.intra_ref)
+        wanted = range(start, st.next_ref)
+        if not wanted:  # it holds our newest reference: the request is stale
+            st.keyframe_requested = False
+            return []
+        if len(wanted) > RESEND_MAX or any(r not in self.ref_packets for r in wanted):
+            return None
+        self.last_resend = fid
+        self.resend_tries += 1
+        return [p for r in wanted for p in self.ref_packets[r]]
+
+    def _av1_frame(self, fid: int, x: Tensor, bank_ids: list[int], reference: bool, intra: bool) -> SentFrame:
+        s, st, rate = self.settings, self.state, self.rate
+        if reference:
             return self._av1_reference(fid, x, intra)
         base = self._token_base(fid)
         data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.tokens[base] if base is not None else None)
@@ -248,9 +293,14 @@ class Sender:
             st.last_keyframe = fid
             st.keyframe_requested = False
             self.last_intra = fid
+        if intra:
+            self.intra_ref = ref
         pieces = pk.fragment(unit.to_bytes(), s.max_packet)
         packets = [pk.to_bytes(pk.Av1ReferenceFragment(self._seq(), fid, ref & 0xFF, i, len(pieces), piece))
                    for i, piece in enumerate(pieces)]
+        self.ref_packets[ref] = list(packets)
+        for r in [r for r in self.ref_packets if r < ref - RESEND_KEEP]:
+            del self.ref_packets[r]
         lossy = self.last_request is not None and fid - self.last_request < LOSS_MEMORY * self.fps
         if lossy and not intra:  # an intra frame is dear, and a lost one is asked for again
             packets *= s.reference_copies
@@ -316,6 +366,9 @@ class Sender:
                 st.acked_frame = max(st.acked_frame, frame)
         if fb.flags & pk.Flags.HAS_REFS and st.next_ref:
             held = pk.read_ref_set(fb.ref, fb.ref_mask, st.next_ref - 1)
+            if max(held) < st.next_ref and (self.receiver_newest is None or max(held) > self.receiver_newest):
+                self.receiver_newest = max(held)
+                self.resend_tries = 0
             for r in held:
                 if r in st.refs:
                     st.refs[r].acked = True
@@ -329,6 +382,8 @@ class Sender:
             if after or not fb.flags & pk.Flags.HAS_ACK or st.last_keyframe is None:
                 st.keyframe_requested = True
                 self.last_request = st.frame
+                # what the receiver holds as it asks: a resend starts after its newest reference
+                self.request_newest = max(held) if fb.flags & pk.Flags.HAS_REFS and st.next_ref else None
         return True
 
     # -- state helpers ------------------------------------------------------------------------

@@ -83,15 +83,22 @@ def seed_streams(model: IMFCodec, frames: int = 10) -> list[bytes]:
     return out
 
 
-def seed_call(model: IMFCodec, frames: int = 10) -> list[bytes]:
-    """The packets of a clean call: keyframes in several fragments, tokens against acknowledged bases."""
-    sender = Sender(model, SenderSettings(quality_floor=0, max_keyframe_interval=4, max_packet=60))
+CALL_SEEDS = {  # a learned call, and one with AV1 references (lambda 0: tokens wherever they beat holding)
+    "learned": SenderSettings(quality_floor=0, max_keyframe_interval=4, max_packet=60),
+    "av1": SenderSettings(keyframe_codec="av1", reference_interval=3, av1_crf=50, lmbda=0.0, max_packet=60),
+}
+
+
+def seed_call(model: IMFCodec, frames: int = 10, settings: SenderSettings = CALL_SEEDS["learned"]) -> list[bytes]:
+    """The packets of a clean call: references in several fragments, tokens against acknowledged bases."""
+    sender = Sender(model, settings)
     out = []
     for f in moving_square_clip(frames, model.cfg.resolution, seed=4):
         out += sender.encode(to_tensor(f)).packets
         st = sender.state
         ref, mask = pk.ref_set(sorted(st.refs)[-pk.REF_WINDOW:])
         sender.on_feedback(pk.to_bytes(pk.Feedback(0, st.frame - 1, ref, mask, pk.Flags.HAS_ACK | pk.Flags.HAS_REFS)))
+    sender.close()
     return out
 
 
@@ -434,43 +441,51 @@ def call_case(packets: list[bytes], model: IMFCodec, start: tuple[int, int, int]
             pk.from_bytes(receiver.feedback())
         st = receiver.state
         bounds = {"refs": (len(st.refs), pk.REF_WINDOW), "partial": (len(st.partial), MAX_PARTIAL),
-                  "tokens": (len(st.tokens), HISTORY), "seqs": (len(st.seqs), SEQ_WINDOW)}
+                  "tokens": (len(st.tokens), HISTORY), "seqs": (len(st.seqs), SEQ_WINDOW),
+                  "av1_waiting": (len(st.av1_waiting), MAX_PARTIAL)}
         over = [f"{k} {n} > {limit}" for k, (n, limit) in bounds.items() if n > limit]
         return ("crashed", shown, "state over its bounds: " + ", ".join(over)) if over else ("decoded", shown, "")
     except Exception:
         return "crashed", shown, traceback.format_exc()
 
 
-def feedback_case(datagrams: list[bytes], model: IMFCodec, frames: list) -> tuple[str, str]:
-    """Hostile feedback to a Sender: it must keep sending valid packets."""
-    sender = Sender(model, SenderSettings(quality_floor=0, max_packet=200))
+def feedback_case(datagrams: list[bytes], model: IMFCodec, frames: list, av1: bool = False) -> tuple[str, str]:
+    """Hostile feedback to a Sender: it must keep sending valid packets (with AV1 references it may
+    send none for a frame: a hold)."""
+    settings = SenderSettings(quality_floor=0, max_packet=200)
+    if av1:
+        settings = replace(settings, keyframe_codec="av1", reference_interval=2, av1_crf=50)
+    sender = Sender(model, settings)
     try:
         for x, data in zip(frames, datagrams):
             sender.on_feedback(data)
             out = sender.encode(x)
-            if not out.packets or any(len(p) > 200 for p in out.packets):
+            if (not out.packets and not av1) or any(len(p) > 200 for p in out.packets):
                 return "crashed", f"sent {[len(p) for p in out.packets]}"
             for p in out.packets:
                 pk.from_bytes(p)
         return "decoded", ""
     except Exception:
         return "crashed", traceback.format_exc()
+    finally:
+        sender.close()
 
 
 def fuzz_calls(model: IMFCodec, cases: int, seed: int, tally: Tally | None = None) -> Tally:
     rng = random.Random(seed)
-    packets = seed_call(model)
+    seeds = [seed_call(model, settings=s) for s in CALL_SEEDS.values()]
     frames = [to_tensor(f) for f in moving_square_clip(4, model.cfg.resolution, seed=5)]
     tally = tally or Tally()
     for case in range(cases):
         start, cpu = time.perf_counter(), time.process_time()
+        av1 = rng.random() < 0.5
         if rng.random() < 0.85:
-            mutant, start_ids = mutate_call(packets, rng)
+            mutant, start_ids = mutate_call(seeds[av1], rng)
             outcome, shown, detail = call_case(mutant, model, start_ids)
         else:
             ack = pk.to_bytes(pk.Feedback(0, 0, 0, 0, pk.Flags.HAS_ACK | pk.Flags.HAS_REFS))
             datagrams = [mutate_packet(ack, rng) for _ in frames]
-            (outcome, detail), shown = feedback_case(datagrams, model, frames), 0
+            (outcome, detail), shown = feedback_case(datagrams, model, frames, av1), 0
         tally.time(case, time.process_time() - cpu, time.perf_counter() - start)
         tally.cases += 1
         tally.frames += shown
