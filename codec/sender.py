@@ -203,6 +203,12 @@ class Sender:
         st.frame += 1
         if rate:
             rate.next_frame()
+        intra_ref = st.refs.get(self.intra_ref)
+        if (intra_ref is not None and not intra_ref.acked and fid - intra_ref.frame >= s.keyframe_timeout
+                and (self.last_resend is None or fid - self.last_resend >= s.keyframe_timeout)):
+            # no word of the intra frame: the receiver may hold nothing, and with holds it may see no
+            # later packet to notice that by for seconds
+            st.keyframe_requested, self.request_newest = True, None
         resent = self._resend(fid) if st.keyframe_requested else []
         # where resending cannot mend the chain, an intra frame: it waits until the bucket is out of
         # debt (under heavy loss requests would otherwise take the whole rate), unless the receiver

@@ -166,3 +166,16 @@ def test_receiver_survives_a_mutated_av1_stream(model, frames):
     fresh = Receiver(model, (64, 64))
     shown = [f.frame for data in stream for f in fresh.receive(data)]
     assert shown[:1] == [0] and len(shown) >= 3
+
+
+def test_unacknowledged_intra_frame_is_sent_again_without_a_request(model, frames):
+    """The first intra frame is lost and nothing follows it (every other frame held): no packet
+    tells the receiver it lacks a picture, so after keyframe_timeout frames without an
+    acknowledgement the sender sends it again."""
+    s = replace(AV1, reference_interval=100, lmbda=1e9)  # one reference, then only holds
+    call = simulate_call(model, frames[:20], 25, s, LINK, LINK, drop=lambda i, data: i == 0)
+    assert call.sent[1:] == [FrameKind.HOLD] * 19
+    shown = [p for p in call.played if p.outcome == Outcome.KEYFRAME]
+    assert [p.frame for p in shown] == [0] and call.receiver.stats.keyframe_requests == 0
+    assert shown[0].shown_at == pytest.approx(s.keyframe_timeout / 25 + LINK.delay)  # late, but there
+    assert np.array_equal(shown[0].image, call.recon[0])
