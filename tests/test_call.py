@@ -57,7 +57,7 @@ def call(tmp_path, weights, clip, send_args=(), recv_args=()) -> dict:
 
 
 def test_loopback_call(tiny_weights, clip, tmp_path):
-    r = call(tmp_path, tiny_weights, clip, ["--quality-floor", "0"])
+    r = call(tmp_path, tiny_weights, clip, ["--keyframe-codec", "learned", "--quality-floor", "0"])
     assert r["keyframes"] >= 1 and r["tokens"] >= 1
     assert r["kbps"] > 0 and r["latency_ms_p50"] is not None and r["psnr"] > 0
 
@@ -65,7 +65,8 @@ def test_loopback_call(tiny_weights, clip, tmp_path):
 @pytest.mark.slow
 def test_call_survives_twenty_percent_loss(tiny_weights, clip, tmp_path):
     impair = ["--loss", "20", "--delay", "20", "--jitter", "30"]
-    r = call(tmp_path, tiny_weights, clip, ["--quality-floor", "0", "--max-keyframe-interval", "8", *impair],
+    r = call(tmp_path, tiny_weights, clip, ["--keyframe-codec", "learned", "--quality-floor", "0",
+                                            "--max-keyframe-interval", "8", *impair],
              impair + ["--seed", "7"])
     assert r["keyframes"] + r["tokens"] + r["concealed"] >= 1
 
@@ -75,7 +76,8 @@ def test_keyframe_request_round_trip(tiny_weights, clip, tmp_path):
     """Seed 14 at 20% loss drops the sender's first datagram (the first keyframe) and none of the
     next seven: the receiver sees token frames naming a reference it never got, asks for a
     keyframe, and the sender's answer arrives."""
-    r = call(tmp_path, tiny_weights, clip, ["--quality-floor", "0", "--loss", "20", "--seed", "14"])
+    r = call(tmp_path, tiny_weights, clip, ["--keyframe-codec", "learned", "--quality-floor", "0", "--loss", "20",
+                                            "--seed", "14"])
     assert r["keyframe_requests"] >= 1 and r["keyframes_sent"] >= 2 and r["keyframes"] >= 1
 
 
@@ -111,7 +113,8 @@ def test_simulated_call_with_rate_cap(tiny_weights, clip, tmp_path, capsys):
     keyframe each frame; the cap lets through fewer than without it."""
     def keyframes(*extra: str) -> int:
         out = tmp_path / "report.json"
-        args = ["simulate", str(clip), "--weights", str(tiny_weights), "--quality-floor", "99", "--json", str(out)]
+        args = ["simulate", str(clip), "--weights", str(tiny_weights), "--keyframe-codec", "learned",
+                "--quality-floor", "99", "--json", str(out)]
         assert call_main([*args, *extra]) == 0
         return json.loads(out.read_text())["keyframes_sent"]
 
@@ -124,9 +127,16 @@ def test_simulated_call_with_rate_cap(tiny_weights, clip, tmp_path, capsys):
 def test_loopback_call_with_av1_references(tiny_weights, clip, tmp_path):
     """A real call whose references are one AV1 stream: each decoded, frames held where the sender
     chose to hold (no packet), the report counting those holds."""
-    r = call(tmp_path, tiny_weights, clip, ["--keyframe-codec", "av1", "--kbps", "0", "--reference-interval", "4"])
+    r = call(tmp_path, tiny_weights, clip, ["--kbps", "0", "--reference-interval", "4"])
     assert r["keyframes_sent"] == FRAMES // 4 and r["keyframes"] >= 2
     assert r["sender_holds"] <= r["held"] and r["psnr"] > 0
+
+
+def test_default_call_uses_av1_references(tiny_weights, clip, tmp_path):
+    """`imfc call send` without options: AV1 references at --kbps 8 (the clip is 1 s, shorter than
+    the 3 s its intra frame is paid over, so its rate is not the target's: test_streaming_av1)."""
+    r = call(tmp_path, tiny_weights, clip)
+    assert r["keyframes"] >= 1 and r["kbps"] > 0 and r["sender_holds"] + r["tokens"] + r["keyframes"] >= FRAMES // 2
 
 
 def test_simulated_av1_call_and_its_bad_options(tiny_weights, clip, tmp_path, capsys):

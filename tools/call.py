@@ -29,7 +29,7 @@ from rtc.session import CallConfig, CallError, compare_with, run_receiver, run_s
 from rtc.signalling import SignallingError
 from rtc.simulate import simulate_call
 from rtc.source import open_source
-from tools.encode import parse_crop
+from tools.encode import DEFAULT_KBPS, parse_crop
 from tools.errors import run
 
 
@@ -53,11 +53,13 @@ def call_config(args: argparse.Namespace) -> CallConfig:
 
 
 def add_coding(p: argparse.ArgumentParser, defaults: SenderSettings) -> None:
-    p.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default=defaults.keyframe_codec,
-                   help="references: learned keyframes, or one AV1 stream (default %(default)s)")
-    p.add_argument("--kbps", type=float, default=defaults.kbps,
+    # the defaults of `imfc encode`: AV1 references at 8 kbps (BENCHMARKS.md, "AV1 references in calls")
+    p.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default="av1",
+                   help="references: one AV1 stream, or learned keyframes, whose knobs are --quality-floor, "
+                        "--max-kbps, --keyframe-step and --max-keyframe-interval (default %(default)s)")
+    p.add_argument("--kbps", type=float, default=DEFAULT_KBPS,
                    help="AV1 references: rate target of the media packets, headers included; 0: a reference "
-                        "every --reference-interval frames at --av1-crf (default %(default)s)")
+                        "every --reference-interval frames at --av1-crf (default %(default)g)")
     p.add_argument("--av1-crf", type=int, default=defaults.av1_crf, help="AV1 references without --kbps: "
                    "their SVT-AV1 CRF, 1-63 (default %(default)s)")
     p.add_argument("--reference-interval", type=int, default=defaults.reference_interval,
