@@ -25,10 +25,11 @@ from train.config import PRESETS, TrainConfig
 from train.pack import unpack
 
 SHIPPED = Path(__file__).resolve().parents[1] / "codec" / "weights" / "default.safetensors"
-# The regime of MODEL.md's stage 10, from shipped weights: AV1 references 1-25 frames back, no
-# keyframe codec in the loss, a small token rate weight, camera motion on 30% of samples.
+# The regime of MODEL.md's stages 10-11, from shipped weights: AV1 references 1-25 frames back
+# (distance d drawn with probability proportional to 1/d), no keyframe codec in the loss, a small
+# token rate weight, camera motion on 30% of samples.
 BURST = replace(PRESETS["default"], resolution=256, steps=1_000_000, warmup=50, rate_start=0, rate_ramp=1,
-                token_rate_start=0, lmbda_token=0.1, lr=1e-4, camera_motion=0.3, av1_distance=25,
+                token_rate_start=0, lmbda_token=0.1, lr=1e-4, camera_motion=0.3, av1_distance=25, av1_near_power=1.0,
                 val_every=1_000_000, ckpt_every=500, log_every=20)
 
 
