@@ -49,10 +49,12 @@ from entropy.bitstream import Av1ReferenceUnit
 
 HISTORY = 255  # frames of tokens kept: the farthest a TOKEN packet's 8-bit ``base`` reaches
 LOSS_MEMORY = 10.0  # seconds after an intra request during which AV1 inter references are sent in copies
-RESEND_MAX = 4  # references resent at most at once: the receiver keeps 4 waiting for a missing one
+RESEND_MAX = 5  # references from the receiver's newest on, at most, for a resend to mend the chain: it keeps
+# 4 waiting for a missing one
 RESEND_KEEP = 8  # AV1 references whose packets the sender keeps for resending
 RESEND_GAP = 3  # frames between two resends (about a round trip at 25 fps on a regional link)
 RESEND_TRIES = 3  # resends without progress before an intra frame instead
+RESEND_TIMEOUT = 6  # frames without an acknowledgement of a reference after which it is sent again unasked
 REFRESH_SECONDS = 1.0  # of the rate target: the most an AV1 intra refresh may cost, where a cheaper one exists
 
 
@@ -203,12 +205,13 @@ class Sender:
         st.frame += 1
         if rate:
             rate.next_frame()
-        intra_ref = st.refs.get(self.intra_ref)
-        if (intra_ref is not None and not intra_ref.acked and fid - intra_ref.frame >= s.keyframe_timeout
-                and (self.last_resend is None or fid - self.last_resend >= s.keyframe_timeout)):
-            # no word of the intra frame: the receiver may hold nothing, and with holds it may see no
-            # later packet to notice that by for seconds
-            st.keyframe_requested, self.request_newest = True, None
+        known = -1 if self.receiver_newest is None else self.receiver_newest
+        pending = [r for r in sorted(st.refs) if r > known and not st.refs[r].acked]
+        if (pending and fid - st.refs[pending[0]].frame >= RESEND_TIMEOUT
+                and (self.last_resend is None or fid - self.last_resend >= RESEND_TIMEOUT)):
+            # no word of a reference: with holds the receiver may see no later packet to notice its
+            # loss by for seconds (or, if it was the first intra frame, hold no picture at all)
+            st.keyframe_requested, self.request_newest = True, self.receiver_newest
         resent = self._resend(fid) if st.keyframe_requested else []
         # where resending cannot mend the chain, an intra frame: it waits until the bucket is out of
         # debt (under heavy loss requests would otherwise take the whole rate), unless the receiver
@@ -233,10 +236,11 @@ class Sender:
         return out
 
     def _resend(self, fid: int) -> list[bytes] | None:
-        """The packets of the references the receiver lacks since its newest one, to send again
-        (a NACK answered: tens of bytes where an intra frame costs hundreds); [] if they went out
-        less than RESEND_GAP frames ago; None if resending cannot mend the chain (too many
-        missing, no longer kept, or tried RESEND_TRIES times): then an intra frame is due."""
+        """The packets of the reference after the receiver's newest one, to send again (a NACK
+        answered: tens of bytes where an intra frame costs hundreds; the receiver keeps the later
+        ones waiting, and asks again if one of those is missing too); [] if it went out less than
+        RESEND_GAP frames ago; None if resending cannot mend the chain (that reference no longer
+        kept, or tried RESEND_TRIES times): then an intra frame is due."""
         st = self.state
         if self.resend_tries >= RESEND_TRIES:
             return None
@@ -244,15 +248,14 @@ class Sender:
             return []
         newest = self.request_newest
         start = self.intra_ref if newest is None or newest >= st.next_ref else max(newest + 1, self.intra_ref)
-        wanted = range(start, st.next_ref)
-        if not wanted:  # it holds our newest reference: the request is stale
+        if start >= st.next_ref:  # it holds our newest reference: the request is stale
             st.keyframe_requested = False
             return []
-        if len(wanted) > RESEND_MAX or any(r not in self.ref_packets for r in wanted):
+        if start not in self.ref_packets or st.next_ref - start > RESEND_MAX:
             return None
         self.last_resend = fid
         self.resend_tries += 1
-        return [p for r in wanted for p in self.ref_packets[r]]
+        return list(self.ref_packets[start])
 
     def _av1_frame(self, fid: int, x: Tensor, bank_ids: list[int], reference: bool, intra: bool) -> SentFrame:
         s, st, rate = self.settings, self.state, self.rate

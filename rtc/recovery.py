@@ -1,5 +1,5 @@
-"""Recovery after a lost keyframe, measured: the same call twice on the simulated clock, once
-clean and once with one fragment of one keyframe dropped, compared frame by frame."""
+"""Recovery after a lost keyframe (or AV1 reference), measured: the same call twice on the simulated
+clock, once clean and once with one fragment of one reference dropped, compared frame by frame."""
 
 from __future__ import annotations
 
@@ -30,10 +30,16 @@ class Recovery:
 
 
 def lose_keyframe(ref: int):
-    """A ``drop`` rule for simulate_call: the first fragment of keyframe number ``ref`` (0: the first)."""
+    """A ``drop`` rule for simulate_call: the first fragment of keyframe (or AV1 reference) number
+    ``ref`` (0: the first), the first time it is sent (an AV1 reference may be sent again)."""
+    dropped = []
+
     def drop(index: int, data: bytes) -> bool:
         p = pk.from_bytes(data)
-        return isinstance(p, pk.KeyframeFragment) and p.ref == ref & 0xFF and p.index == 0
+        hit = isinstance(p, pk.KeyframeFragment) and p.ref == ref & 0xFF and p.index == 0 and not dropped
+        if hit:
+            dropped.append(index)
+        return hit
     return drop
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from codec.receiver import Receiver
-from codec.sender import FrameKind, Sender, SenderSettings
+from codec.sender import RESEND_TIMEOUT, FrameKind, Sender, SenderSettings
 from codec.video_io import to_tensor
 from codec.nn.weights import load_weights
 from entropy import packet as pk
@@ -170,12 +170,27 @@ def test_receiver_survives_a_mutated_av1_stream(model, frames):
 
 def test_unacknowledged_intra_frame_is_sent_again_without_a_request(model, frames):
     """The first intra frame is lost and nothing follows it (every other frame held): no packet
-    tells the receiver it lacks a picture, so after keyframe_timeout frames without an
+    tells the receiver it lacks a picture, so after RESEND_TIMEOUT frames without an
     acknowledgement the sender sends it again."""
     s = replace(AV1, reference_interval=100, lmbda=1e9)  # one reference, then only holds
     call = simulate_call(model, frames[:20], 25, s, LINK, LINK, drop=lambda i, data: i == 0)
     assert call.sent[1:] == [FrameKind.HOLD] * 19
     shown = [p for p in call.played if p.outcome == Outcome.KEYFRAME]
     assert [p.frame for p in shown] == [0] and call.receiver.stats.keyframe_requests == 0
-    assert shown[0].shown_at == pytest.approx(s.keyframe_timeout / 25 + LINK.delay)  # late, but there
+    assert shown[0].shown_at == pytest.approx(RESEND_TIMEOUT / 25 + LINK.delay)  # late, but there
     assert np.array_equal(shown[0].image, call.recon[0])
+
+
+def test_intra_refresh_under_a_rate_target_starts_a_new_stream(model):
+    """With --kbps, the intra frame that answers a reference lost for good comes from a new AV1
+    stream (cheap enough for 1 s of the rate); the receiver decodes it on a fresh decoder, exactly."""
+    clip = [to_tensor(f) for f in moving_square_clip(60, 64)]
+    s = SenderSettings(keyframe_codec="av1", kbps=12.0, reference_copies=1, lmbda=0.0)
+    first = simulate_call(model, clip, 25, s, LINK, LINK)
+    lost = av1_refs(first)[2]
+    call = simulate_call(model, clip, 25, s, LINK, LINK, drop=lose_reference_at(lost, 99))
+    intra = call.sender.last_intra
+    assert intra > lost and call.played[intra].outcome == Outcome.KEYFRAME
+    refs_since = sum(1 for f in av1_refs(call) if f >= intra)
+    assert call.sender.av1._pts == refs_since < len(av1_refs(call))  # the stream began at the refresh
+    assert_exact_where_shown(call)
