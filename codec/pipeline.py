@@ -54,6 +54,17 @@ def psnr(x_hat: Tensor, x: Tensor) -> float:
     return 10 * torch.log10(torch.tensor(1 / max(mse, 1e-10))).item()
 
 
+def check_reference_settings(s) -> None:
+    """The knobs that `EncoderSettings` and the streaming `SenderSettings` share: ValueError if out of range."""
+    step_index(s.keyframe_step)
+    if s.keyframe_codec not in KEYFRAME_CODECS:
+        raise ValueError(f"keyframe codec must be one of {', '.join(KEYFRAME_CODECS)}, not {s.keyframe_codec!r}")
+    if not MIN_CRF <= s.av1_crf <= MAX_CRF:
+        raise ValueError(f"AV1 CRF must be {MIN_CRF} to {MAX_CRF}, not {s.av1_crf}")
+    if s.reference_interval < 1 or s.intra_interval < 0 or s.kbps < 0 or s.lmbda < 0:
+        raise ValueError("reference interval must be at least 1; intra interval, kbps and lambda not negative")
+
+
 @dataclass(frozen=True)
 class EncoderSettings:
     # The defaults (24 dB floor, 11 kbps cap, keyframe step 2) were chosen on 12 training clips, not
@@ -73,13 +84,7 @@ class EncoderSettings:
     lmbda: float = 1e-6  # MSE per bit in the token-or-repeat decision
 
     def __post_init__(self) -> None:
-        step_index(self.keyframe_step)
-        if self.keyframe_codec not in KEYFRAME_CODECS:
-            raise ValueError(f"keyframe codec must be one of {', '.join(KEYFRAME_CODECS)}, not {self.keyframe_codec!r}")
-        if not MIN_CRF <= self.av1_crf <= MAX_CRF:
-            raise ValueError(f"AV1 CRF must be {MIN_CRF} to {MAX_CRF}, not {self.av1_crf}")
-        if self.reference_interval < 1 or self.intra_interval < 0 or self.kbps < 0 or self.lmbda < 0:
-            raise ValueError("reference interval must be at least 1; intra interval, kbps and lambda not negative")
+        check_reference_settings(self)
         if not 1 <= self.bank_size <= MAX_BANK:
             raise ValueError(f"bank size must be 1 to {MAX_BANK}, not {self.bank_size}")
         if self.max_keyframe_interval < 1:

@@ -240,17 +240,8 @@ class Receiver:
                 self.request_keyframe()
             return []
         st.av1_chain = ref
-        base = None if unit.base == 0 else st.tokens.get(frame - unit.base)
-        if unit.base and base is None:  # the chain goes on, but without its token this picture is no reference
-            self.stats.undecodable += 1
-            return []
-        try:
-            u_hat = self.model.decompress_token(unit.token, base)
-        except (ValueError, RuntimeError, IndexError, OverflowError):
-            self.stats.damaged += 1
-            return []
-        if not torch.isfinite(u_hat).all() or u_hat.abs().max() > 1e6:
-            self.stats.damaged += 1
+        u_hat = self._decode_token(frame, unit.base, unit.token)
+        if u_hat is None:  # the chain goes on, but without its token this picture is no reference
             return []
         return self._new_reference(ref, frame, to_tensor(picture), u_hat)
 
@@ -271,17 +262,8 @@ class Receiver:
         if frame in st.tokens:
             self.stats.duplicates += 1
             return []
-        base = None if p.base == 0 else st.tokens.get(frame - p.base)
-        if p.base and base is None:
-            self.stats.undecodable += 1
-            return []
-        try:
-            u_hat = self.model.decompress_token(p.data, base)
-        except (ValueError, RuntimeError, IndexError, OverflowError):
-            self.stats.damaged += 1
-            return []
-        if not torch.isfinite(u_hat).all() or u_hat.abs().max() > 1e6:
-            self.stats.damaged += 1
+        u_hat = self._decode_token(frame, p.base, p.data)
+        if u_hat is None:
             return []
         self._remember(frame, u_hat)
         wanted = pk.read_ref_set(p.ref, p.ref_mask & ~pk.PENDING, max(st.newest_ref, 0))
@@ -298,6 +280,23 @@ class Receiver:
             return []
         kind = Shown.TOKEN if len(bank) == len(wanted) else Shown.CONCEALED
         return self._show(ReceivedFrame(frame, kind, u_hat=u_hat, bank=bank))
+
+    def _decode_token(self, frame: int, base: int, data: bytes) -> Tensor | None:
+        """A token coded as a delta from the token ``base`` frames back (0: on its own) -> u_hat, or
+        None (counted) if that token is missing or the bytes do not decode to a sane token."""
+        prev = None if base == 0 else self.state.tokens.get(frame - base)
+        if base and prev is None:
+            self.stats.undecodable += 1
+            return None
+        try:
+            u_hat = self.model.decompress_token(data, prev)
+        except (ValueError, RuntimeError, IndexError, OverflowError):
+            self.stats.damaged += 1
+            return None
+        if not torch.isfinite(u_hat).all() or u_hat.abs().max() > 1e6:
+            self.stats.damaged += 1
+            return None
+        return u_hat
 
     def _remember(self, frame: int, u_hat: Tensor) -> None:
         st = self.state

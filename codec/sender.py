@@ -38,11 +38,11 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from codec.av1_reference import MAX_CRF, MIN_CRF, ReferenceEncoder
+from codec.av1_reference import ReferenceEncoder
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import step_index
-from codec.pipeline import (KEYFRAME_CODECS, KeyframeBudget, RateControl, encode_keyframe, mse, psnr, render,
-                            start_reference_stream)
+from codec.pipeline import (KeyframeBudget, RateControl, check_reference_settings, encode_keyframe, mse, psnr,
+                            render, start_reference_stream)
 from codec.video_io import to_tensor, to_uint8
 from entropy import packet as pk
 from entropy.bitstream import Av1ReferenceUnit
@@ -83,15 +83,9 @@ class SenderSettings:
     # seconds after the receiver last asked for an intra frame
 
     def __post_init__(self) -> None:
-        step_index(self.keyframe_step)
+        check_reference_settings(self)
         if not 1 <= self.bank_size < pk.REF_WINDOW:
             raise ValueError(f"bank_size must be in 1..{pk.REF_WINDOW - 1}")
-        if self.keyframe_codec not in KEYFRAME_CODECS:
-            raise ValueError(f"keyframe codec must be one of {', '.join(KEYFRAME_CODECS)}, not {self.keyframe_codec!r}")
-        if not MIN_CRF <= self.av1_crf <= MAX_CRF:
-            raise ValueError(f"AV1 CRF must be {MIN_CRF} to {MAX_CRF}, not {self.av1_crf}")
-        if self.reference_interval < 1 or self.intra_interval < 0 or self.kbps < 0 or self.lmbda < 0:
-            raise ValueError("reference interval must be at least 1; intra interval, kbps and lambda not negative")
         if not 1 <= self.reference_copies <= 3:
             raise ValueError(f"reference copies must be 1 to 3, not {self.reference_copies}")
 
