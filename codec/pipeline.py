@@ -301,8 +301,9 @@ class Encoder:
     def _av1_reference(self, x: Tensor, intra: bool) -> EncodedFrame:
         st = self.state
         if self.av1 is None:
-            self.av1, packet, picture = start_reference_stream(self.model.cfg.resolution, self.av1_fps, to_uint8(x),
-                                                               self.settings.av1_crf, self.rate, self.settings.kbps)
+            self.av1, packet, picture = start_reference_stream(
+                self.model.cfg.resolution, self.av1_fps, to_uint8(x), self.settings.av1_crf, self.settings.kbps,
+                self.rate.intra_budget if self.rate else None)
         else:
             packet, picture = self.av1.code(to_uint8(x), intra)
         x_hat = to_tensor(picture)
@@ -318,19 +319,22 @@ class Encoder:
         return EncodedFrame(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
 
-def start_reference_stream(size: int, fps: Fraction, picture: np.ndarray, crf: int, rate: RateControl | None,
-                           kbps: float, budget_bits: float | None = None) -> tuple[ReferenceEncoder, bytes, np.ndarray]:
+def start_reference_stream(size: int, fps: Fraction, picture: np.ndarray, crf: int, kbps: float,
+                           budget_bits: float | None, refresh: bool = False) -> tuple[ReferenceEncoder, bytes, np.ndarray]:
     """The AV1 stream and its first, intra reference -> (encoder, packet, decoded picture). Without
-    a rate control, CRF mode at ``crf``; with one, CRF mode at crf_for_kbps(kbps), or where that
-    intra frame would cost more than ``budget_bits`` (default RateControl.intra_budget), the first
-    of CHEAP_INTRA whose intra frame fits (the cheapest if none)."""
-    ladder = [Quantizer(crf)] if rate is None else [Quantizer(crf_for_kbps(kbps)), *CHEAP_INTRA]
-    if rate is not None and budget_bits is not None and ladder[0].crf < MAX_CRF:
-        ladder.insert(1, Quantizer(MAX_CRF))  # a refresh: SVT's coarsest CRF mode before fixed offsets
+    a budget (no rate target), CRF mode at ``crf``; with one, CRF mode at crf_for_kbps(kbps), or
+    where that intra frame would cost more than ``budget_bits``, the first of CHEAP_INTRA whose
+    intra frame fits (the cheapest if none). A ``refresh`` (a new stream in a call, after a loss)
+    tries SVT's coarsest CRF mode before the fixed offsets."""
+    if budget_bits is None:
+        ladder = [Quantizer(crf)]
+    else:
+        coarsest = [Quantizer(MAX_CRF)] if refresh and crf_for_kbps(kbps) < MAX_CRF else []
+        ladder = [Quantizer(crf_for_kbps(kbps)), *coarsest, *CHEAP_INTRA]
     for quantizer in ladder[:-1]:
         encoder = ReferenceEncoder(size, fps, quantizer)
         packet, decoded = encoder.code(picture, intra=True)
-        if 8 * len(packet) <= (rate.intra_budget if budget_bits is None else budget_bits):
+        if 8 * len(packet) <= budget_bits:
             return encoder, packet, decoded
         encoder.close()
     encoder = ReferenceEncoder(size, fps, ladder[-1])

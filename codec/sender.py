@@ -138,7 +138,6 @@ class Sender:
         self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
         self.rate = RateControl(settings.kbps, fps, stream_overhead_bits=0) if settings.kbps else None
         self.shown: Tensor | None = None  # what the receiver shows now, as far as the sender knows
-        self.last_intra = 0
         self.fps = fps
         self.last_request: int | None = None  # frame at which the receiver last asked for an intra frame
         self.receiver_newest: int | None = None  # the newest reference the receiver said it holds
@@ -212,7 +211,7 @@ class Sender:
         # has no picture at all
         requested = (resent is None and fid - st.last_keyframe >= s.min_keyframe_gap
                      and (rate is None or rate.affords(0) or self.receiver_newest is None))
-        intra = self.av1 is None or requested or bool(s.intra_interval and fid - self.last_intra >= s.intra_interval)
+        intra = self.av1 is None or requested or bool(s.intra_interval and fid - st.last_keyframe >= s.intra_interval)
         bank_ids = self._bank()
         since = fid - st.refs[st.next_ref - 1].frame if st.refs else None
         if rate:
@@ -276,11 +275,14 @@ class Sender:
         if self.av1 is None or (intra and self.rate):
             # a refresh starts a new stream, whose intra frame fits REFRESH_SECONDS of the rate: it
             # answers a loss, and the first intra frame's 3 s would take the whole rate again
-            if self.av1 is not None:
+            refresh = self.av1 is not None
+            if refresh:
                 self.av1.close()
-            budget = None if self.av1 is None else 1000 * s.kbps * REFRESH_SECONDS
-            self.av1, av1_packet, picture = start_reference_stream(self.model.cfg.resolution, self.av1_fps, to_uint8(x),
-                                                                   s.av1_crf, self.rate, s.kbps, budget)
+            budget = None
+            if self.rate:
+                budget = 1000 * s.kbps * REFRESH_SECONDS if refresh else self.rate.intra_budget
+            self.av1, av1_packet, picture = start_reference_stream(
+                self.model.cfg.resolution, self.av1_fps, to_uint8(x), s.av1_crf, s.kbps, budget, refresh)
         else:
             av1_packet, picture = self.av1.code(to_uint8(x), intra)
         x_hat = to_tensor(picture)
@@ -293,10 +295,8 @@ class Sender:
         st.refs[ref] = SentReference(fid, u_hat, x_hat)
         st.tokens[fid] = u_hat
         if intra:
-            st.last_keyframe = fid
+            st.last_keyframe = fid  # in an AV1 call the newest intra frame
             st.keyframe_requested = False
-            self.last_intra = fid
-        if intra:
             self.intra_ref = ref
         pieces = pk.fragment(unit.to_bytes(), s.max_packet)
         packets = [pk.to_bytes(pk.Av1ReferenceFragment(self._seq(), fid, ref & 0xFF, i, len(pieces), piece))

@@ -57,6 +57,22 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+# The streaming tests' model and clip (tests/test_streaming.py, tests/test_streaming_av1.py); a
+# module that defines its own fixture of the same name uses that one.
+@pytest.fixture(scope="module")
+def model(tiny_weights):
+    from codec.nn.weights import load_weights
+
+    return load_weights(tiny_weights)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    from codec.video_io import to_tensor
+
+    return [to_tensor(f) for f in moving_square_clip(40, 64)]
+
+
 @pytest.fixture(scope="session")
 def synthetic_video(tmp_path_factory) -> Path:
     """A 12-frame 80x64 mp4 of a drifting textured square."""

@@ -10,29 +10,16 @@ from hypothesis import strategies as st
 
 from codec.receiver import Receiver
 from codec.sender import FrameKind, Sender, SenderSettings
-from codec.video_io import to_tensor
-from codec.nn.weights import load_weights
 from entropy import packet as pk
 from rtc.impairment import Link, LinkConfig
 from rtc.playout import Outcome
 from rtc.simulate import simulate_call
-from tests.conftest import moving_square_clip
 from tests.test_packet import feedback as feedback_packets
 from tests.test_packet import packets as any_packets
 
 # quality floor 1 dB: never triggers with the untrained tiny model, but makes the sender compute
 # its closed-loop picture, so tests can check that the receiver shows exactly that
 CHECKED = SenderSettings(quality_floor=1.0, max_keyframe_interval=15)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_weights):
-    return load_weights(tiny_weights)
-
-
-@pytest.fixture(scope="module")
-def frames():
-    return [to_tensor(f) for f in moving_square_clip(40, 64)]
 
 
 def assert_exact_where_shown(call):

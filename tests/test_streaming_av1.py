@@ -9,7 +9,6 @@ import pytest
 from codec.receiver import Receiver
 from codec.sender import RESEND_TIMEOUT, FrameKind, Sender, SenderSettings
 from codec.video_io import to_tensor
-from codec.nn.weights import load_weights
 from entropy import packet as pk
 from entropy.bitstream import Av1ReferenceUnit, BitstreamError
 from rtc.impairment import LinkConfig
@@ -21,16 +20,6 @@ from tests.test_streaming import assert_exact_where_shown, mutate
 # a reference every 4 frames at CRF 50; lambda 0: a token wherever it beats holding at all
 AV1 = SenderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=50, lmbda=0.0)
 LINK = LinkConfig(delay=0.02)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_weights):
-    return load_weights(tiny_weights)
-
-
-@pytest.fixture(scope="module")
-def frames():
-    return [to_tensor(f) for f in moving_square_clip(40, 64)]
 
 
 def av1_refs(call) -> list[int]:
@@ -87,7 +76,7 @@ def test_lost_inter_reference_is_sent_again(model, frames):
     exactly from the references it holds."""
     call = simulate_call(model, frames, 25, replace(AV1, reference_copies=1), LINK, LINK, drop=lose_reference_at(8, 1))
     assert call.receiver.stats.keyframe_requests == 1
-    assert call.sender.last_intra == 0 and av1_refs(call) == list(range(0, 40, 4))
+    assert call.sender.state.last_keyframe == 0 and av1_refs(call) == list(range(0, 40, 4))
     assert sorted(call.receiver.state.refs)[-1] == 9  # every reference made it
     assert call.played[8].outcome == Outcome.HELD and call.played[9].outcome == Outcome.TOKEN
     assert_exact_where_shown(call)
@@ -98,7 +87,7 @@ def test_reference_lost_for_good_keeps_the_last_good_one_and_gets_an_intra_frame
     sends an intra frame, which restarts the chain; the receiver shows token frames from the
     references it holds until then."""
     call = simulate_call(model, frames, 25, replace(AV1, reference_copies=1), LINK, LINK, drop=lose_reference_at(8, 99))
-    intra = call.sender.last_intra
+    intra = call.sender.state.last_keyframe
     assert 8 < intra < 30 and intra in av1_refs(call)
     assert call.played[intra].outcome == Outcome.KEYFRAME
     assert any(p.outcome == Outcome.TOKEN for p in call.played[9:intra])
@@ -189,7 +178,7 @@ def test_intra_refresh_under_a_rate_target_starts_a_new_stream(model):
     first = simulate_call(model, clip, 25, s, LINK, LINK)
     lost = av1_refs(first)[2]
     call = simulate_call(model, clip, 25, s, LINK, LINK, drop=lose_reference_at(lost, 99))
-    intra = call.sender.last_intra
+    intra = call.sender.state.last_keyframe
     assert intra > lost and call.played[intra].outcome == Outcome.KEYFRAME
     refs_since = sum(1 for f in av1_refs(call) if f >= intra)
     assert call.sender.av1._pts == refs_since < len(av1_refs(call))  # the stream began at the refresh
