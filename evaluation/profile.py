@@ -2,7 +2,7 @@
 call, broken down by step and module of the IMF networks and by torch op (torch.profiler).
 
 Steps are the model's entry points (E_T, the reference side, synthesis, entropy coding, the
-keyframe codec); modules are the networks inside synthesis and each cross-attention scale. Their
+keyframe codec) and the AV1 reference stream's encode and decode; modules are the networks inside synthesis and each cross-attention scale. Their
 times are inclusive CPU time (a step contains its modules), summed over the frames, so the table
 reads as "of this much time per frame, so much went here".
 """
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from codec.av1_reference import ReferenceDecoder, ReferenceEncoder
 from codec.nn.model import IMFCodec
 from codec.pipeline import Decoder, Encoder, EncoderSettings
 from codec.video_io import to_tensor
@@ -30,6 +31,10 @@ STEPS = {  # label: (object attribute path, method) of the model's entry points
     "step: token entropy decoding": ("", "decompress_deltas"),
     "step: keyframe codec encode": ("keyframe_codec", "compress"),
     "step: keyframe codec decode": ("keyframe_codec", "decompress"),
+}
+CLASS_STEPS = {  # label: (class, method) of the AV1 reference stream, outside the model
+    "step: AV1 reference encode (SVT-AV1 + its own decode)": (ReferenceEncoder, "code"),
+    "step: AV1 reference decode (libdav1d)": (ReferenceDecoder, "decode"),
 }
 PREFIXES = ("step: ", "module: ")
 
@@ -58,6 +63,8 @@ def labelled(model: IMFCodec) -> Iterator[None]:
     wrappers and forward hooks, all removed afterwards)."""
     patched, hooks = [], []
 
+    classes = []
+
     def wrap(owner: object, method: str, label: str) -> None:
         original = getattr(owner, method)
 
@@ -66,10 +73,12 @@ def labelled(model: IMFCodec) -> Iterator[None]:
                 return original(*args, **kwargs)
 
         setattr(owner, method, timed)
-        patched.append((owner, method))
+        (classes if isinstance(owner, type) else patched).append((owner, method, original))
 
     for label, (path, method) in STEPS.items():
         wrap(getattr(model, path) if path else model, method, label)
+    for label, (cls, method) in CLASS_STEPS.items():
+        wrap(cls, method, label)
     for name, module in _modules(model).items():
         ranges: list[record_function] = []
 
@@ -83,8 +92,10 @@ def labelled(model: IMFCodec) -> Iterator[None]:
     try:
         yield
     finally:
-        for owner, method in patched:
+        for owner, method, _ in patched:
             delattr(owner, method)  # the instance attribute goes; the class's method shows again
+        for cls, method, original in classes:
+            setattr(cls, method, original)
         for h in hooks:
             h.remove()
 
@@ -111,14 +122,17 @@ class Profile:
 
 
 def profile_coding(model: IMFCodec, frames: np.ndarray, settings: EncoderSettings = EncoderSettings(),
-                   threads: int = 1, ops: int = 15) -> Profile:
+                   threads: int = 1, ops: int = 15, fps: float = 25.0) -> Profile:
     """Encode then decode (T, R, R, 3) uint8 frames under the profiler (after one warm-up frame)."""
     torch.set_num_threads(threads)
     x = [to_tensor(f) for f in frames]
-    Encoder(model, settings).encode(x[0])  # first calls pay for allocator and kernel setup
-    encoder = Encoder(model, settings)
+    warm = Encoder(model, settings, fps, len(x))  # first calls pay for allocator and kernel setup
+    warm.encode(x[0])
+    warm.close()
+    encoder = Encoder(model, settings, fps, len(x))
     with labelled(model), profile(activities=[ProfilerActivity.CPU]) as enc_prof:
         chunks = [encoder.encode(f).chunk for f in x]
+    encoder.close()
     r = model.cfg.resolution
     decoder = Decoder(model, (r, r), settings.bank_size)
     with labelled(model), profile(activities=[ProfilerActivity.CPU]) as dec_prof:

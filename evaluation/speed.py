@@ -1,7 +1,7 @@
 """Speed of imfc and of libx264 on the same frames: frames/s, per-frame latency, memory.
 
 Latency is wall clock per frame, one frame at a time as in a call (no batching, no lookahead):
-for imfc, one ``Encoder.encode`` / ``Decoder.decode`` call; for x264, one frame sent to the
+for imfc, one ``Encoder.encode`` / ``Decoder.decode`` call (references, learned or AV1, included); for x264, one frame sent to the
 encoder and its packets received (zerolatency: a frame's packet comes out with it), and one
 packet decoded. Keyframes are included in imfc's numbers (they cost more than token frames).
 
@@ -63,16 +63,18 @@ def bench_imfc(model: IMFCodec, frames: np.ndarray, fps: Fraction, threads: int,
     """Encode then decode (T, R, R, 3) uint8 frames with ``threads`` torch threads."""
     torch.set_num_threads(threads)
     x = [to_tensor(f) for f in frames]
-    warm = Encoder(model, settings)  # first calls pay for allocator and kernel setup
+    warm = Encoder(model, settings, float(fps), len(x))  # first calls pay for allocator and kernel setup
     for f in x[:warmup]:
         warm.encode(f)
-    encoder, chunks, enc = Encoder(model, settings), [], []
+    warm.close()
+    encoder, chunks, enc = Encoder(model, settings, float(fps), len(x)), [], []
     cpu = time.process_time()
     for f in x:
         start = time.perf_counter()
         chunks.append(encoder.encode(f).chunk)
         enc.append(time.perf_counter() - start)
     enc_cpu = time.process_time() - cpu
+    encoder.close()
     r = model.cfg.resolution
     decoder, dec = Decoder(model, (r, r), settings.bank_size), []
     cpu = time.process_time()
@@ -81,7 +83,7 @@ def bench_imfc(model: IMFCodec, frames: np.ndarray, fps: Fraction, threads: int,
         decoder.decode(c)
         dec.append(time.perf_counter() - start)
     dec_cpu = time.process_time() - cpu
-    keyframes = sum(c.type == ChunkType.KEYFRAME for c in chunks)
+    keyframes = sum(c.type in (ChunkType.KEYFRAME, ChunkType.AV1_REFERENCES) for c in chunks)
     return _speed("imfc", threads, keyframes, sum(len(c.payload) for c in chunks), fps, enc, dec, enc_cpu, dec_cpu)
 
 

@@ -8,7 +8,11 @@ import math
 
 import torch
 
-from codec.nn.layers.attention import CrossAttention, DenseKV, WindowKV, warp_shared_pixels, attend_dense
+import pytest
+
+from codec.nn.layers import window_tiles
+from codec.nn.layers.attention import (CrossAttention, DenseKV, DenseReady, TransformerBlock, WindowKV, WindowReady,
+                                       attend_dense, bank, warp_shared_pixels)
 from codec.nn.layers.warp import resize_flow, warp
 
 
@@ -112,6 +116,74 @@ def test_pixel_flow_samples_the_reference_once():
     assert torch.allclose(out[..., :-1], image[..., 1:], atol=1e-5)
     twice = torch.nn.functional.pixel_shuffle(warp_shared_pixels(kv.warped(coarse, 2), mean_w, offsets, (6, 6)), 2)
     assert not torch.allclose(twice[..., :-1], image[..., 1:], atol=1e-2)
+
+def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random extra tokens and localities, so that every path of the attention carries weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("refs", [1, 2])
+def test_ready_dense_attention_matches_attend_dense(refs):
+    """The coding path's operands, made once per bank, give what the per-frame path gives."""
+    torch.manual_seed(0)
+    attn = _perturbed(CrossAttention(16, 8, None, locality=0.5, extra_tokens=2), 1)
+    kv = bank([attn.prepare(torch.randn(1, 16, 6, 5), torch.randn(1, 16, 6, 5)) for _ in range(refs)])
+    m_c = torch.randn(1, 16, 6, 5)
+    with torch.no_grad():
+        ready = attn.ready(kv)
+        assert isinstance(ready, DenseReady)
+        for want, got in zip(attn(m_c, kv), attn(m_c, ready)):
+            if want is not None:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pixel_flow", [False, True])
+@pytest.mark.parametrize("refs", [1, 2])
+@pytest.mark.parametrize("window", [3, 7])
+def test_tiled_window_attention_matches_the_offset_loop(pixel_flow, refs, window):
+    """By tiles of queries (the coding path) or by a loop over window offsets (training), the same
+    attention: features, shared pixels (warped or blended), extra tokens, a coarse flow guide, and
+    windows that run off the map at its edges."""
+    torch.manual_seed(0)
+    attn = _perturbed(CrossAttention(16, 8, window, locality=0.5, extra_tokens=2, pixel_stride=2,
+                                     pixel_flow=pixel_flow), 2)
+    size = (16, 24)
+    kv = bank([attn.prepare(torch.randn(1, 16, *size), torch.randn(1, 16, *size),
+                            torch.nn.functional.pixel_unshuffle(torch.rand(1, 3, 32, 48), 2)) for _ in range(refs)])
+    m_c, flow = torch.randn(1, 16, *size), torch.randn(1, 2, *size)
+    with torch.no_grad():
+        ready = attn.ready(kv)
+        assert isinstance(ready, WindowReady)
+        (want, want_px, _), (got, got_px, _) = attn(m_c, kv, flow), attn(m_c, ready, flow)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # warped pixels: the mean offset is a sum divided by a reference's mass, then a bilinear sample
+    # position, so the sums' rounding order shows in it (seen: 1.3e-5)
+    torch.testing.assert_close(got_px, want_px, atol=1e-4, rtol=0)
+
+
+def test_windowed_self_attention_is_the_same_by_tiles():
+    torch.manual_seed(0)
+    block = _perturbed(TransformerBlock(16, 8, window=7, ff_mult=1), 3)
+    x = torch.randn(1, 16, 16, 8)
+    with torch.no_grad():
+        tiled = block(x)
+    torch.testing.assert_close(tiled, block(x), atol=1e-5, rtol=0)  # with gradients: the offset loop
+
+
+def test_attention_chunks_do_not_change_the_result(monkeypatch):
+    torch.manual_seed(0)
+    q, k_t, v = torch.randn(6, 40, 4), torch.randn(6, 4, 30), torch.randn(6, 30, 5)
+    bias = torch.randn(6, 40, 30)
+    whole = window_tiles.attend(q, k_t, v, bias, 0.5)
+    torch.testing.assert_close(whole, torch.softmax(0.5 * q @ k_t + bias, -1) @ v, atol=1e-6, rtol=0)
+    for chunk in (30 * 40 * 2, 30 * 7):  # by batches, then by queries
+        monkeypatch.setattr(window_tiles, "CHUNK", chunk)
+        torch.testing.assert_close(window_tiles.attend(q, k_t, v, bias, 0.5), whole, atol=1e-6, rtol=0)
+
 
 def test_soft_keypoints_find_a_peak():
     from codec.nn.token_encoder import SoftKeypoints

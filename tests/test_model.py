@@ -85,6 +85,30 @@ def test_cached_reference_matches_uncached():
 
 
 @pytest.mark.parametrize("pixel_warp", ["blend", "flow"])
+def test_coding_path_matches_the_training_path(pixel_warp):
+    """Without gradients synthesis runs on operands made ready once per bank (tiled windows); with
+    them, on the training path. The same frames, and switching banks never reuses stale operands."""
+    model, x_ref, u_ref, u_cur = tiny_reference(pixel_warp=pixel_warp)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        a = model.reference(x_ref, u_ref)
+        b = model.reference(torch.rand(x_ref.shape, generator=g), u_ref + 1)
+    banks = [[a], [a, b], [b, a], [a, b], [a]]
+    with torch.no_grad():
+        coded = [model.synthesize(u_cur, bank) for bank in banks]
+    for bank, x_hat in zip(banks, coded):
+        torch.testing.assert_close(x_hat, model.synthesize(u_cur, bank).detach(), atol=1e-5, rtol=0)
+    assert not torch.allclose(coded[0], coded[1], atol=1e-3)  # a second reference changes the frame
+    with torch.no_grad():  # as an optimizer step between two validations would
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        after = model.synthesize(u_cur, [a, b])
+    torch.testing.assert_close(after, model.synthesize(u_cur, [a, b]).detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pixel_warp", ["blend", "flow"])
 @torch.no_grad()
 def test_bank_of_identical_references_equals_one(pixel_warp):
     model, x_ref, u_ref, u_cur = tiny_reference(pixel_warp=pixel_warp)

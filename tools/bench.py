@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from codec.pipeline import EncoderSettings
+from codec.pipeline import KEYFRAME_CODECS, EncoderSettings
 from evaluation.profile import profile_coding, profile_tables
 from evaluation.rd_eval import load_clip
 from evaluation.speed import Speed, bench_imfc, bench_x264, peak_rss_mb
 from codec.video_io import VideoError, probe
 from codec.nn.weights import load_weights, model_id
+from tools.encode import DEFAULT_KBPS
 from tools.errors import run
 
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
     parser.add_argument("--threads", type=int_list, default=(1, 2), help="thread counts to measure (default 1,2)")
     parser.add_argument("--x264-crf", type=int, default=51, help="libx264 CRF (default %(default)s, its lowest rate)")
+    parser.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default="av1",
+                        help="how references are coded, as in imfc encode (default %(default)s)")
+    parser.add_argument("--kbps", type=float, default=DEFAULT_KBPS,
+                        help="AV1 references: the rate target, as in imfc encode (default %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--profile", action="store_true",
                         help="also profile encode and decode (torch.profiler, at the first thread count): CPU time "
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model = load_weights(args.weights)
         load_seconds = time.perf_counter() - start
-        settings = EncoderSettings()
+        av1 = args.keyframe_codec == "av1"
+        settings = EncoderSettings(keyframe_codec=args.keyframe_codec, kbps=args.kbps if av1 else 0.0)
         clip = load_clip(args.input, model.cfg.resolution, args.frames)
         rows = []
         for t in args.threads:
@@ -95,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                  (f"{len(clip.frames)} frames of {clip.name} at {r}x{r}, {float(clip.fps):g} fps; CPU: {cpu_name()}, "
                  f"{os.cpu_count()} logical cores; torch {torch.__version__}; load average {load_before[0]:.2f} before, "
                  f"{load_after[0]:.2f} after (other work on the machine slows every row alike only roughly)."), "",
-                 (f"imfc model `{model.cfg.name}` {model_id(model).hex()}, default encoder settings (quality floor "
-                 f"{settings.quality_floor:g} dB, keyframe cap {settings.max_kbps:g} kbps, keyframe step "
-                 f"{settings.keyframe_step:g}, keyframe at most every {settings.max_keyframe_interval} frames); "
-                 f"libx264 CRF {args.x264_crf}, preset medium, tune zerolatency, bf 0, slice-threaded decode."), ""]
+                 (f"imfc model `{model.cfg.name}` {model_id(model).hex()}, "
+                  + (f"AV1 references at --kbps {settings.kbps:g} (bank of {settings.bank_size}), the default of imfc "
+                     f"encode" if av1 else
+                     f"learned keyframes (quality floor {settings.quality_floor:g} dB, keyframe cap "
+                     f"{settings.max_kbps:g} kbps, keyframe step {settings.keyframe_step:g}, keyframe at most every "
+                     f"{settings.max_keyframe_interval} frames)")
+                  + f"; libx264 CRF {args.x264_crf}, preset medium, tune zerolatency, bf 0, slice-threaded decode."), ""]
         lines += table(rows)
         lines.append("")
         for t in args.threads:
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"the imfc runs, {peak_rss_mb():.0f} MB at the end")]
         if args.profile:
             lines += ["", f"Profile ({args.threads[0]} thread(s), the same frames and settings):", ""]
-            lines += profile_tables(profile_coding(model, clip.frames, settings, args.threads[0]))
+            lines += profile_tables(profile_coding(model, clip.frames, settings, args.threads[0], fps=float(clip.fps)))
         print("\n".join(lines))
         if args.json is not None:
             args.json.write_text(json.dumps({

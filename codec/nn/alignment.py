@@ -50,7 +50,11 @@ class ImplicitMotionAlignment(nn.Module):
         return [cross.prepare(m, f, pixels if s == 0 else None)
                 for s, (cross, m, f) in enumerate(zip(self.cross, m_r, f_r))]
 
-    def forward(self, m_c: list[Tensor], kv: list[KeyValue]) -> tuple[list[Tensor], Tensor]:
+    def ready(self, kv: list[KeyValue]) -> list:
+        """A bank's keys and values per scale, made ready for coding (`CrossAttention.ready`)."""
+        return [cross.ready(k) for cross, k in zip(self.cross, kv)]
+
+    def forward(self, m_c: list[Tensor], kv: list) -> tuple[list[Tensor], Tensor]:
         """m_c fine to coarse, kv per scale (one reference or a bank) ->
         aligned features fine to coarse, warped reference frame (B, 3, H, W)."""
         aligned = [None] * len(m_c)

@@ -35,7 +35,7 @@ from codec.nn.config import IMFConfig
 from codec.nn.feature_encoder import FeatureEncoder
 from codec.nn.frame_decoder import FrameDecoder
 from codec.nn.keyframe_codec import KeyframeCodec
-from codec.nn.layers.attention import KeyValue, bank as kv_bank
+from codec.nn.layers.attention import KeyValue, bank as kv_bank, versions
 from codec.nn.token_decoder import TokenDecoder
 from codec.nn.token_encoder import TokenEncoder
 from entropy.coding import decode_symbols, encode_symbols, quantize_noise
@@ -80,6 +80,8 @@ class IMFCodec(CompressionModel):
         self.token_log_step = nn.Parameter(torch.full((cfg.token_dim,), math.log(0.02)))
         self.token_prior = EntropyBottleneck(cfg.token_dim)  # keyframe tokens
         self.token_delta_prior = EntropyBottleneck(cfg.token_dim)  # frame-to-frame token deltas
+        # the last bank coded from, the version of the parameters it was made with, its ready operands
+        self._ready_bank: tuple[list[Reference], tuple, list] | None = None
 
     # -- building blocks ----------------------------------------------------------------------
     def token_symbols(self, x: Tensor) -> Tensor:
@@ -103,13 +105,24 @@ class IMFCodec(CompressionModel):
         """Quantized token symbols (B, d) and a bank of references, oldest first -> x_hat (B, 3, H, W)."""
         t_hat = u_hat * self.token_log_step.exp()
         m_c = self.token_decoder(t_hat, bank[0].x_hat.shape[-2:])
-        kv = [kv_bank([r.kv[s] for r in bank]) for s in range(len(m_c))]
-        aligned, warped = self.alignment(m_c, kv)
+        aligned, warped = self.alignment(m_c, self._attention_bank(bank, u_hat.shape[0]))
         if not self.cfg.hold_mask:
             return self.frame_decoder(aligned, warped)
         # log of the RMS difference: it spans 1e-3 (token unchanged) to ~0.5, which a log keeps in reach
         change = (m_c[0] - bank[-1].motion).square().mean(1, keepdim=True).add(1e-6).log() / 2
         return self.frame_decoder(aligned, warped, bank[-1].x_hat, change)
+
+    def _attention_bank(self, bank: Sequence[Reference], batch: int) -> list:
+        """The bank's keys and values per scale. Coding (no gradients) makes them ready once per bank
+        (`CrossAttention.ready`) and keeps the last bank's: consecutive frames share a bank."""
+        kv = lambda: [kv_bank([r.kv[s] for r in bank]) for s in range(len(bank[0].kv))]
+        if torch.is_grad_enabled() or batch != bank[0].x_hat.shape[0]:
+            return kv()
+        cached, version = self._ready_bank, versions(self.alignment.cross)
+        if (cached is None or cached[1] != version or len(cached[0]) != len(bank)
+                or any(a is not b for a, b in zip(cached[0], bank))):
+            cached = self._ready_bank = (list(bank), version, self.alignment.ready(kv()))
+        return cached[2]
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, x_ref: Tensor | None, x_prev: Tensor, x_cur: Tensor, key_step: Tensor | None = None,

@@ -20,6 +20,7 @@ from einops import rearrange
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from codec.nn.layers import window_tiles
 from codec.nn.layers.warp import resize_flow, warp
 
 
@@ -134,6 +135,34 @@ class WindowKV:
 KeyValue = DenseKV | WindowKV
 
 
+def versions(module: nn.Module) -> tuple[int, ...]:
+    """The version counters of a module's parameters: what a cache made from them is valid for (an
+    optimizer step or a load_state_dict bumps them)."""
+    return tuple(p._version for p in module.parameters())
+
+
+@dataclass
+class DenseReady:
+    """A bank's operands at a dense scale for coding, extra tokens appended, made once per bank:
+    what `attend_dense` rebuilds on every call (the bias alone is heads x n x s) is made here once."""
+
+    k_t: Tensor  # (b*h, d, s+E) keys, transposed for the product
+    v: Tensor  # (b*h, s+E, e+3) values, then (y, x, 1) of each key (zeros for extra tokens)
+    bias: Tensor  # (b*h, n, s+E)
+
+
+@dataclass
+class WindowReady:
+    """A bank at a windowed scale for coding: its keys and values (moved per frame by the coarse
+    flow) and the tiled locality bias of `window_tiles`, extra tokens' logits appended."""
+
+    kv: WindowKV
+    bias: Tensor  # (h*tiles, T*T, R*K+E)
+
+
+Ready = DenseReady | WindowReady
+
+
 def bank(items: list[KeyValue]) -> KeyValue:
     """Keys and values of several references at one scale, attended to as one set."""
     return type(items[0]).bank(items)
@@ -166,6 +195,27 @@ def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraToken
     v = torch.cat([torch.cat([kv.v, where], -1),
                    F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1)], 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    pos = out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
+    return out[..., :e], pos
+
+
+def dense_ready(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> DenseReady:
+    """`attend_dense`'s operands, built once (for queries of the references' batch size)."""
+    b, h, s, _ = kv.v.shape
+    n = kv.dist2.shape[0]
+    bias = kv.log_prior - log_locality.exp()[:, None, None] * kv.dist2  # (h, n, s)
+    bias = torch.cat([bias, extra.logit[:, None, :].expand(h, n, -1)], -1).repeat(b, 1, 1)
+    k = torch.cat([kv.k, extra.k.expand(b, -1, -1, -1)], 2)
+    where = torch.cat([kv.pos, kv.pos.new_ones(s, 1)], -1).expand(b, h, s, 3)
+    v = torch.cat([torch.cat([kv.v, where], -1), F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1)], 2)
+    return DenseReady(k.flatten(0, 1).transpose(1, 2).contiguous(), v.flatten(0, 1).contiguous(), bias)
+
+
+def attend_dense_ready(q: Tensor, ready: DenseReady) -> tuple[Tensor, Tensor]:
+    """`attend_dense` on ready operands: the same outputs, up to float rounding."""
+    b, h, _, d = q.shape
+    out = window_tiles.attend(q.flatten(0, 1), ready.k_t, ready.v, ready.bias, d ** -0.5).unflatten(0, (b, h))
+    e = out.shape[-1] - 3
     pos = out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
     return out[..., :e], pos
 
@@ -218,14 +268,21 @@ def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTok
 
 def warp_shared_pixels(kv: WindowKV, mean_w: Tensor, offsets: list[tuple[int, int]], size: tuple[int, int]) -> Tensor:
     """mean_w (b, y, x, R*s) -> each reference's shared pixels warped by its mean window offset and
-    weighted by its attention mass, summed (b, c, y, x). A pending ``kv.shared_flow`` is composed
+    weighted by its attention mass, summed (b, c, y, x)."""
+    p = kv.window // 2
+    off = torch.tensor(offsets, dtype=mean_w.dtype, device=mean_w.device) - p  # (s, 2) in map pixels
+    per_ref = mean_w.unflatten(-1, (len(kv.shared), len(offsets)))  # (b, y, x, R, s)
+    mass = per_ref.sum(-1).permute(0, 3, 1, 2)  # (b, R, y, x)
+    flow = torch.einsum("byxrs,st->brtyx", per_ref, off) / mass.clamp_min(1e-6)[:, :, None]
+    return move_shared_pixels(kv, mass, flow, size)
+
+
+def move_shared_pixels(kv: WindowKV, mass: Tensor, flow: Tensor, size: tuple[int, int]) -> Tensor:
+    """Each reference's mass (b, R, y, x) and mean offset (b, R, 2, y, x) -> its shared pixels warped
+    by the offset, weighted by the mass, summed (b, c, y, x). A pending ``kv.shared_flow`` is composed
     with the offset (the flow field is resampled, not the pixels), so each pixel is sampled once."""
     p = kv.window // 2
     stride = math.isqrt(kv.shared[0].shape[1] // 3)
-    off = torch.tensor(offsets, dtype=mean_w.dtype, device=mean_w.device) - p  # (s, 2) in map pixels
-    per_ref = mean_w.unflatten(-1, (len(kv.shared), len(offsets)))  # (b, y, x, R, s)
-    mass = per_ref.sum(-1)  # (b, y, x, R)
-    flow = torch.einsum("byxrs,st->brtyx", per_ref, off) / mass.clamp_min(1e-6).permute(0, 3, 1, 2)[:, :, None]
     full = (size[0] * stride, size[1] * stride)
     out = 0
     for r, padded in enumerate(kv.shared):
@@ -234,8 +291,69 @@ def warp_shared_pixels(kv: WindowKV, mean_w: Tensor, offsets: list[tuple[int, in
         if kv.shared_flow is not None:  # first the window offset, then the coarse flow from there
             move = move + warp(kv.shared_flow, move)
         moved = F.pixel_unshuffle(warp(image, move), stride)
-        out = out + mass[..., r].unsqueeze(1) * moved
+        out = out + mass[:, r].unsqueeze(1) * moved
     return out
+
+
+def window_ready(kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None, size: tuple[int, int]) -> WindowReady:
+    bias = window_tiles.window_bias(size, kv.window, log_locality, len(kv.k))
+    if extra is not None:
+        tiles = bias.shape[0] // len(log_locality)
+        logit = extra.logit.repeat_interleave(tiles, 0)[:, None, :].expand(-1, bias.shape[1], -1)
+        bias = torch.cat([bias, logit], -1)
+    return WindowReady(kv, bias)
+
+
+def attend_window_tiled(q: Tensor, kv: WindowKV, bias: Tensor, extra: ExtraTokens | None,
+                        pixel_flow: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`attend_window` by tiles of queries (`window_tiles`), the same outputs up to float rounding;
+    ``bias`` from `window_ready`. The values carry extra channels so that the one product also gives
+    what the shared pixels need: the blended pixels themselves, or each reference's attention mass and
+    mass-weighted key position (the mean offset, once the query's own position is taken off), and
+    the extra tokens' weights."""
+    b, h, d, y, x = q.shape
+    refs, e, w = len(kv.k), kv.v[0].shape[2], kv.window
+    span, p = window_tiles.TILE + w - 1, w // 2
+    keys = [window_tiles.tile_keys(k, w) for k in kv.k]
+    per_key = []  # (K, c) channels added to every reference's values
+    if kv.shared is not None and pixel_flow:
+        local = torch.stack(torch.meshgrid(torch.arange(span), torch.arange(span), indexing="ij"), -1)
+        where = torch.cat([local.reshape(-1, 2).to(q) - p, q.new_ones(span * span, 1)], -1)  # (K, 3)
+        per_key = [F.pad(where, (3 * r, 3 * (refs - r - 1))) for r in range(refs)]
+    values = []
+    for r, v in enumerate(kv.v):
+        parts = [window_tiles.tile_keys(v, w)]
+        if kv.shared is not None and not pixel_flow:
+            parts.append(window_tiles.tile_keys(kv.shared[r].unsqueeze(1).expand(-1, h, -1, -1, -1), w))
+        if per_key:
+            parts.append(per_key[r].expand(parts[0].shape[0], -1, -1))
+        values.append(torch.cat(parts, -1) if len(parts) > 1 else parts[0])
+    c = values[0].shape[-1]
+    if extra is not None:  # extra tokens: their own values, then a one-hot of which token
+        count = extra.k.shape[1]
+        tiles = keys[0].shape[0] // (b * h)
+        keys.append(extra.k.expand(b, -1, -1, -1).repeat_interleave(tiles, 1).flatten(0, 1))
+        ev = torch.cat([extra.v[..., :e], extra.v.new_zeros(h, count, c - e), torch.eye(count).expand(h, -1, -1).to(q)], -1)
+        values = [F.pad(v, (0, count)) for v in values]
+        values.append(ev.expand(b, -1, -1, -1).repeat_interleave(tiles, 1).flatten(0, 1))
+    out = window_tiles.attend(window_tiles.tile_queries(q), torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1),
+                              bias if b == 1 else bias.repeat(b, 1, 1), d ** -0.5)
+    out = window_tiles.untile(out, b, h, (y, x))  # (b, h, c [+ E], y, x)
+    shared = None
+    if kv.shared is not None:
+        if pixel_flow:
+            sums = out[:, :, e:e + 3 * refs].mean(1).unflatten(1, (refs, 3))  # (b, R, 3, y, x)
+            mass = sums[:, :, 2]
+            local = (torch.arange(y, device=q.device) % window_tiles.TILE).to(q)
+            own = torch.stack(torch.meshgrid(local, (torch.arange(x, device=q.device) % window_tiles.TILE).to(q),
+                                             indexing="ij"))  # (2, y, x) each query's place in its tile
+            flow = sums[:, :, :2] / mass.clamp_min(1e-6)[:, :, None] - own
+            shared = move_shared_pixels(kv, mass, flow, (y, x))
+        else:
+            shared = out[:, :, e:c].mean(1)
+        if extra is not None:
+            shared = shared + torch.einsum("bheyx,hec->bcyx", out[:, :, c:], extra.v[..., e:]) / h
+    return out[:, :, :e], shared
 
 
 class CrossAttention(nn.Module):
@@ -265,12 +383,21 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.log_locality = nn.Parameter(torch.full((self.heads,), math.log(locality)))
         self.extra = ExtraTokens(self.heads, extra_tokens, head_dim, dim // self.heads + pixel_dim)
+        self._pos_cache: tuple[tuple, Tensor] | None = None
+
+    def _positions(self, size: tuple[int, int], device: torch.device) -> Tensor:
+        """The projected position embedding (n, c); without gradients (coding) kept for the last size."""
+        if torch.is_grad_enabled():
+            return self.pos(sinusoidal_positions(*size, self.num_freqs, device))
+        key = (size, device, versions(self.pos))
+        if self._pos_cache is None or self._pos_cache[0] != key:
+            self._pos_cache = (key, self.pos(sinusoidal_positions(*size, self.num_freqs, device)))
+        return self._pos_cache[1]
 
     def _embed(self, m: Tensor, proj: nn.Linear) -> Tensor:
         """(b, c, y, x) -> (b, h, n, d): normalised, position-embedded, projected."""
-        y, x = m.shape[-2:]
         tokens = self.norm(rearrange(m, "b c y x -> b (y x) c"))
-        tokens = tokens + self.pos(sinusoidal_positions(y, x, self.num_freqs, m.device))
+        tokens = tokens + self._positions(tuple(m.shape[-2:]), m.device)
         return rearrange(proj(tokens), "b n (h d) -> b h n d", h=self.heads)
 
     def prepare(self, m_r: Tensor, f_r: Tensor, pixels: Tensor | None = None) -> DenseKV | WindowKV:
@@ -283,21 +410,40 @@ class CrossAttention(nn.Module):
         v = rearrange(f_r, "b (h e) y x -> b h e y x", h=self.heads)
         return WindowKV.from_maps(k, v, pixels if self.pixel_stride else None, self.window)
 
-    def forward(self, m_c: Tensor, kv: DenseKV | WindowKV, flow: Tensor | None = None
+    def ready(self, kv: DenseKV | WindowKV) -> DenseKV | WindowKV | Ready:
+        """A bank's keys and values made ready for coding (no gradients), once per bank: the bias and
+        concatenations `forward` would otherwise redo on every frame, and at a windowed scale the
+        tiled form (`window_tiles`), where its map is tileable."""
+        if isinstance(kv, DenseKV):
+            return dense_ready(kv, self.log_locality, self.extra)
+        size = tuple(n - 2 * (kv.window // 2) for n in kv.k[0].shape[-2:])
+        if not window_tiles.tileable(size):
+            return kv
+        return window_ready(kv, self.log_locality, self.extra, size)
+
+    def forward(self, m_c: Tensor, kv: DenseKV | WindowKV | Ready, flow: Tensor | None = None
                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """m_c (b, c, y, x) -> aligned features (b, c, y, x), aligned pixels (b, p, y, x) or None, and
         for global attention the displacement to the attended position (b, 2, y, x) in pixels of this
         map. A windowed scale takes such a displacement as ``flow`` and centres its windows there."""
         y, x = m_c.shape[-2:]
         q = self._embed(m_c, self.to_q)
-        if isinstance(kv, DenseKV):
-            out, pos = attend_dense(q, kv, self.log_locality, self.extra)
+        if isinstance(kv, (DenseKV, DenseReady)):
+            if isinstance(kv, DenseKV):
+                out, pos = attend_dense(q, kv, self.log_locality, self.extra)
+            else:
+                out, pos = attend_dense_ready(q, kv)
             displacement = rearrange(pos - _grid(y, x, pos.device), "b (y x) t -> b t y x", y=y)
             return rearrange(out, "b h (y x) e -> b (h e) y x", y=y), None, displacement
+        ready = kv if isinstance(kv, WindowReady) else None
+        kv = ready.kv if ready else kv
         if flow is not None:
             kv = kv.warped(flow, self.pixel_stride, defer_shared=self.pixel_flow)
         q = rearrange(q, "b h (y x) d -> b h d y x", y=y)
-        out, pixels = attend_window(q, kv, self.log_locality, self.extra, self.pixel_flow)
+        if ready:
+            out, pixels = attend_window_tiled(q, kv, ready.bias, self.extra, self.pixel_flow)
+        else:
+            out, pixels = attend_window(q, kv, self.log_locality, self.extra, self.pixel_flow)
         return rearrange(out, "b h e y x -> b (h e) y x"), pixels, None
 
 
@@ -315,6 +461,17 @@ class TransformerBlock(nn.Module):
         self.mlp = Mlp(dim, dim * ff_mult, act_layer=nn.GELU)
         # windowed self-attention: no locality prior (exp(-30) ~ 0) and no extra tokens
         self.register_buffer("no_locality", torch.full((self.heads,), -30.0), persistent=False)
+        self._tiled_bias: tuple[tuple, Tensor] | None = None  # ((size, device), bias) for coding
+
+    def _window_attention(self, maps: list[Tensor]) -> Tensor:
+        """q, k, v maps (b, h, d, y, x) -> (b, h, d, y, x). Without gradients (coding), by tiles."""
+        size = maps[0].shape[-2:]
+        kv = WindowKV.from_maps(maps[1], maps[2], None, self.window)
+        if torch.is_grad_enabled() or not window_tiles.tileable(size):
+            return attend_window(maps[0], kv, self.no_locality, None)[0]
+        if self._tiled_bias is None or self._tiled_bias[0] != (size, maps[0].device):
+            self._tiled_bias = ((size, maps[0].device), window_tiles.window_bias(size, self.window, self.no_locality, 1))
+        return attend_window_tiled(maps[0], kv, self._tiled_bias[1], None)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         """x (b, c, y, x) -> (b, c, y, x)."""
@@ -324,8 +481,7 @@ class TransformerBlock(nn.Module):
         if self.window is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            maps = [rearrange(t, "b h (y x) d -> b h d y x", y=y) for t in (q, k, v)]
-            out, _ = attend_window(maps[0], WindowKV.from_maps(maps[1], maps[2], None, self.window), self.no_locality, None)
+            out = self._window_attention([rearrange(t, "b h (y x) d -> b h d y x", y=y) for t in (q, k, v)])
             out = rearrange(out, "b h d y x -> b h (y x) d")
         tokens = tokens + self.proj(rearrange(out, "b h n d -> b n (h d)"))
         tokens = tokens + self.mlp(self.norm2(tokens))
