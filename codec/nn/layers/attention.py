@@ -52,12 +52,13 @@ class DenseKV:
     v: Tensor
     dist2: Tensor
     pos: Tensor  # (s, 2) each key's (y, x) position
+    size: tuple[int, int]  # (y, x) of one reference's map
     log_prior: float = 0.0
 
     @staticmethod
     def from_tokens(k: Tensor, v: Tensor, size: tuple[int, int]) -> "DenseKV":
         grid = _grid(*size, k.device)
-        return DenseKV(k, v, torch.cdist(grid, grid).square(), grid)
+        return DenseKV(k, v, torch.cdist(grid, grid).square(), grid, tuple(size))
 
     @staticmethod
     def bank(items: list["DenseKV"]) -> "DenseKV":
@@ -68,6 +69,7 @@ class DenseKV:
             torch.cat([i.v for i in items], 2),
             torch.cat([i.dist2 for i in items], 1),
             torch.cat([i.pos for i in items]),
+            items[0].size,
             -math.log(len(items)),
         )
 
@@ -106,9 +108,11 @@ class WindowKV:
         def inner(maps: Tensor) -> Tensor:
             return maps[..., p:maps.shape[-2] - p, p:maps.shape[-1] - p]
 
-        def move(maps: Tensor) -> Tensor:  # (b, h, c, y+2p, x+2p)
-            m = inner(maps)
-            return F.pad(warp(m.flatten(1, 2), flow).reshape(m.shape), (p,) * 4)
+        # every reference's keys and values in one sampling call: the sample positions are shared
+        maps = [inner(m) for m in self.k + self.v]  # (b, h, c, y, x) each
+        channels = [m.shape[1] * m.shape[2] for m in maps]
+        moved = warp(torch.cat([m.flatten(1, 2) for m in maps], 1), flow).split(channels, 1)
+        moved = [F.pad(t.reshape(m.shape), (p,) * 4) for t, m in zip(moved, maps)]
 
         shared, shared_flow = self.shared, None
         if self.shared is not None:
@@ -118,7 +122,7 @@ class WindowKV:
             else:
                 shared = [F.pad(F.pixel_unshuffle(warp(F.pixel_shuffle(inner(s), pixel_stride), full), pixel_stride),
                                 (p,) * 4) for s in self.shared]
-        return WindowKV([move(k) for k in self.k], [move(v) for v in self.v], shared, self.window, shared_flow)
+        return WindowKV(moved[:len(self.k)], moved[len(self.k):], shared, self.window, shared_flow)
 
     def dist2(self, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Squared offset of each window position (y, x, s), and an additive mask (y, x, s) that is
@@ -152,6 +156,17 @@ class DenseReady:
 
 
 @dataclass
+class DenseTiled:
+    """A dense scale made ready for coding as windowed attention: keys farther than its learned
+    locality lets carry any weight are dropped (`dense_ready`). Keys and values do not move at a
+    dense scale, so their tiles (`window_tiles`) are made once per bank too."""
+
+    k_t: Tensor  # (b*h*tiles, d, R*K+E)
+    v: Tensor  # (b*h*tiles, R*K+E, e+3) values, then each key's (y, x, 1) (extra tokens: zeros)
+    bias: Tensor  # (b*h*tiles, T*T, R*K+E)
+
+
+@dataclass
 class WindowReady:
     """A bank at a windowed scale for coding: its keys and values (moved per frame by the coarse
     flow) and the tiled locality bias of `window_tiles`, extra tokens' logits appended."""
@@ -160,7 +175,12 @@ class WindowReady:
     bias: Tensor  # (h*tiles, T*T, R*K+E)
 
 
-Ready = DenseReady | WindowReady
+Ready = DenseReady | DenseTiled | WindowReady
+
+# A key whose locality bias is below -FAR_LOGIT is left out of a dense scale's attention when coding.
+# Measured with the shipped model on real frames (bank of 2), the attention mass beyond a radius of
+# 7 at stride 8 (bias -33 and below) was at most 4.6e-14, beyond 6 7.6e-11: below float32 rounding.
+FAR_LOGIT = 32.0
 
 
 def bank(items: list[KeyValue]) -> KeyValue:
@@ -199,8 +219,15 @@ def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraToken
     return out[..., :e], pos
 
 
-def dense_ready(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> DenseReady:
-    """`attend_dense`'s operands, built once (for queries of the references' batch size)."""
+def dense_ready(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> DenseReady | DenseTiled:
+    """`attend_dense`'s operands, built once (for queries of the references' batch size): by tiles
+    within the radius beyond which the locality bias is below -FAR_LOGIT for every head, where that
+    leaves at most 2/3 of the keys; else whole."""
+    size = kv.size
+    radius = math.ceil(math.sqrt(FAR_LOGIT / log_locality.exp().min().item())) - 1
+    span = window_tiles.TILE + 2 * radius
+    if window_tiles.tileable(size) and span * span * 3 <= 2 * size[0] * size[1]:
+        return dense_tiled(kv, log_locality, extra, 2 * radius + 1)
     b, h, s, _ = kv.v.shape
     n = kv.dist2.shape[0]
     bias = kv.log_prior - log_locality.exp()[:, None, None] * kv.dist2  # (h, n, s)
@@ -209,6 +236,37 @@ def dense_ready(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> DenseR
     where = torch.cat([kv.pos, kv.pos.new_ones(s, 1)], -1).expand(b, h, s, 3)
     v = torch.cat([torch.cat([kv.v, where], -1), F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1)], 2)
     return DenseReady(k.flatten(0, 1).transpose(1, 2).contiguous(), v.flatten(0, 1).contiguous(), bias)
+
+
+def dense_tiled(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens, window: int) -> DenseTiled:
+    b, h, s, _ = kv.v.shape
+    size = kv.size
+    refs, n, p = s // (size[0] * size[1]), size[0] * size[1], window // 2
+
+    def tiles(t: Tensor) -> list[Tensor]:  # (b, h, R*n, c) -> per reference (b*h*tiles, K, c)
+        maps = rearrange(t, "b h (r y x) c -> r b h c y x", r=refs, y=size[0])
+        return [window_tiles.tile_keys(F.pad(m, (p,) * 4), window) for m in maps]
+
+    where = torch.cat([kv.pos, kv.pos.new_ones(refs * n, 1)], -1).expand(b, h, refs * n, 3)
+    keys, values = tiles(kv.k), tiles(torch.cat([kv.v, where], -1))
+    count = extra.k.shape[1]
+    per_tile = keys[0].shape[0] // (b * h)
+    keys.append(extra.k.expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
+    values.append(F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
+    bias = tiled_bias(size, window, refs, log_locality, extra)
+    return DenseTiled(torch.cat(keys, 1).transpose(1, 2).contiguous(), torch.cat(values, 1),
+                      bias if b == 1 else bias.repeat(b, 1, 1))
+
+
+def attend_dense_tiled(q: Tensor, ready: DenseTiled, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """`attend_dense` on tiled operands: q (b, h, n, d) -> (b, h, n, e), attended position (b, n, 2)."""
+    b, h, _, d = q.shape
+    q = rearrange(q, "b h (y x) d -> b h d y x", y=size[0])
+    out = window_tiles.attend(window_tiles.tile_queries(q), ready.k_t, ready.v, ready.bias, d ** -0.5)
+    out = rearrange(window_tiles.untile(out, b, h, size), "b h c y x -> b h (y x) c")
+    e = out.shape[-1] - 3
+    pos = out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
+    return out[..., :e], pos
 
 
 def attend_dense_ready(q: Tensor, ready: DenseReady) -> tuple[Tensor, Tensor]:
@@ -284,24 +342,29 @@ def move_shared_pixels(kv: WindowKV, mass: Tensor, flow: Tensor, size: tuple[int
     p = kv.window // 2
     stride = math.isqrt(kv.shared[0].shape[1] // 3)
     full = (size[0] * stride, size[1] * stride)
-    out = 0
-    for r, padded in enumerate(kv.shared):
-        image = F.pixel_shuffle(padded[..., p:p + size[0], p:p + size[1]], stride)  # (b, 3, H, W)
-        move = resize_flow(flow[:, r], full)
-        if kv.shared_flow is not None:  # first the window offset, then the coarse flow from there
-            move = move + warp(kv.shared_flow, move)
-        moved = F.pixel_unshuffle(warp(image, move), stride)
-        out = out + mass[:, r].unsqueeze(1) * moved
-    return out
+    refs = len(kv.shared)
+    # the references side by side in the batch, (R*b, ...), so that each step is one call
+    images = torch.cat([F.pixel_shuffle(padded[..., p:p + size[0], p:p + size[1]], stride) for padded in kv.shared])
+    move = resize_flow(flow.transpose(0, 1).flatten(0, 1), full)
+    if kv.shared_flow is not None:  # first the window offset, then the coarse flow from there
+        move = move + warp(kv.shared_flow.repeat(refs, 1, 1, 1), move)
+    moved = F.pixel_unshuffle(warp(images, move), stride).unflatten(0, (refs, -1))  # (R, b, c, y, x)
+    return (mass.transpose(0, 1).unsqueeze(2) * moved).sum(0)
+
+
+def tiled_bias(size: tuple[int, int], window: int, refs: int, log_locality: Tensor, extra: ExtraTokens | None) -> Tensor:
+    """`window_tiles.window_bias` for R references, the extra tokens' logits appended ->
+    (h*tiles, T*T, R*K [+ E])."""
+    bias = window_tiles.window_bias(size, window, log_locality, refs)
+    if extra is None:
+        return bias
+    tiles = bias.shape[0] // len(log_locality)
+    logit = extra.logit.repeat_interleave(tiles, 0)[:, None, :].expand(-1, bias.shape[1], -1)
+    return torch.cat([bias, logit], -1)
 
 
 def window_ready(kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None, size: tuple[int, int]) -> WindowReady:
-    bias = window_tiles.window_bias(size, kv.window, log_locality, len(kv.k))
-    if extra is not None:
-        tiles = bias.shape[0] // len(log_locality)
-        logit = extra.logit.repeat_interleave(tiles, 0)[:, None, :].expand(-1, bias.shape[1], -1)
-        bias = torch.cat([bias, logit], -1)
-    return WindowReady(kv, bias)
+    return WindowReady(kv, tiled_bias(size, kv.window, len(kv.k), log_locality, extra))
 
 
 def attend_window_tiled(q: Tensor, kv: WindowKV, bias: Tensor, extra: ExtraTokens | None,
@@ -428,9 +491,11 @@ class CrossAttention(nn.Module):
         map. A windowed scale takes such a displacement as ``flow`` and centres its windows there."""
         y, x = m_c.shape[-2:]
         q = self._embed(m_c, self.to_q)
-        if isinstance(kv, (DenseKV, DenseReady)):
+        if isinstance(kv, (DenseKV, DenseReady, DenseTiled)):
             if isinstance(kv, DenseKV):
                 out, pos = attend_dense(q, kv, self.log_locality, self.extra)
+            elif isinstance(kv, DenseTiled):
+                out, pos = attend_dense_tiled(q, kv, (y, x))
             else:
                 out, pos = attend_dense_ready(q, kv)
             displacement = rearrange(pos - _grid(y, x, pos.device), "b (y x) t -> b t y x", y=y)
