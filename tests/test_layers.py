@@ -11,7 +11,7 @@ import torch
 import pytest
 
 from codec.nn.layers import window_tiles
-from codec.nn.layers.attention import (CrossAttention, DenseKV, DenseReady, TransformerBlock, WindowKV, WindowReady,
+from codec.nn.layers.attention import (CrossAttention, DenseKV, DenseReady, DenseTiled, TransformerBlock, WindowKV, WindowReady,
                                        attend_dense, bank, warp_shared_pixels)
 from codec.nn.layers.warp import resize_flow, warp
 
@@ -139,6 +139,24 @@ def test_ready_dense_attention_matches_attend_dense(refs):
         for want, got in zip(attn(m_c, kv), attn(m_c, ready)):
             if want is not None:
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("refs", [1, 2])
+def test_dense_attention_by_tiles_drops_only_keys_without_weight(refs):
+    """Where the learned locality leaves no weight beyond a radius (bias below -FAR_LOGIT), a dense
+    scale is attended by tiles within it when coding: the same features and attended positions."""
+    torch.manual_seed(0)
+    attn = _perturbed(CrossAttention(16, 8, None, locality=4.0, extra_tokens=2), 4)
+    with torch.no_grad():
+        attn.log_locality.copy_(torch.tensor([math.log(4.0), math.log(5.0)]))
+    kv = bank([attn.prepare(torch.randn(1, 16, 16, 24), torch.randn(1, 16, 16, 24)) for _ in range(refs)])
+    m_c = torch.randn(1, 16, 16, 24)
+    with torch.no_grad():
+        ready = attn.ready(kv)
+        assert isinstance(ready, DenseTiled)
+        (want, _, want_flow), (got, _, got_flow) = attn(m_c, kv), attn(m_c, ready)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_flow, want_flow, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pixel_flow", [False, True])

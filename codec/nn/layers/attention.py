@@ -249,7 +249,6 @@ def dense_tiled(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens, window: i
 
     where = torch.cat([kv.pos, kv.pos.new_ones(refs * n, 1)], -1).expand(b, h, refs * n, 3)
     keys, values = tiles(kv.k), tiles(torch.cat([kv.v, where], -1))
-    count = extra.k.shape[1]
     per_tile = keys[0].shape[0] // (b * h)
     keys.append(extra.k.expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
     values.append(F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
