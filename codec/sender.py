@@ -42,7 +42,7 @@ from codec.av1_reference import ReferenceEncoder
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import step_index
 from codec.pipeline import (KeyframeBudget, RateControl, check_reference_settings, encode_keyframe, mse, psnr,
-                            render, start_reference_stream)
+                            render, start_reference_stream, synthesis_can_win)
 from codec.video_io import to_tensor, to_uint8
 from entropy import packet as pk
 from entropy.bitstream import Av1ReferenceUnit
@@ -258,7 +258,7 @@ class Sender:
         data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.tokens[base] if base is not None else None)
         bits = 8 * (pk.OVERHEAD + len(data))  # the token packet's size
         hold_cost = mse(self.shown, x)
-        if rate is None or rate.affords(bits):
+        if (rate is None or rate.affords(bits)) and synthesis_can_win(hold_cost):
             x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
             if mse(x_hat, x) + s.lmbda * bits < hold_cost:
                 st.tokens[fid] = u_hat

@@ -185,6 +185,23 @@ def test_frames_between_references_never_show_a_worse_synthesis(tiny_weights, sy
     encoder.close()
 
 
+def test_a_frame_its_held_picture_matches_is_held_without_a_synthesis(tiny_weights, synthetic_video, monkeypatch):
+    """The closed loop skips the synthesis where the held picture is within 30 dB of the frame
+    (holding always won there, measured), and still synthesizes where it is not."""
+    model = load_weights(tiny_weights)
+    x = model_frames(synthetic_video, model.cfg.resolution, 1)[0]
+    calls = []
+    synthesize = model.synthesize
+    monkeypatch.setattr(model, "synthesize", lambda *a: calls.append(1) or synthesize(*a))
+    encoder = Encoder(model, EncoderSettings(keyframe_codec="av1", reference_interval=10, av1_crf=5))
+    encoder.encode(x)
+    assert (encoder.state.picture - x).square().mean() < 1e-3  # the reference is that close
+    assert [encoder.encode(x).chunk.type for _ in range(3)] == [ChunkType.REPEAT] * 3 and not calls
+    encoder.encode(torch.rand_like(x))
+    encoder.close()
+    assert calls == [1]
+
+
 def test_per_frame_chunks_decode_one_by_one(tiny_weights, synthetic_video):
     """The streaming form: each frame its own chunk, decoded as it arrives."""
     model = load_weights(tiny_weights)
