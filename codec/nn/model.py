@@ -41,6 +41,9 @@ from codec.nn.token_encoder import TokenEncoder
 from entropy.coding import decode_symbols, encode_symbols, quantize_noise
 
 
+READY_BANKS = 2  # banks whose ready operands a model keeps for coding (about 45 MB each, default preset)
+
+
 @dataclass
 class RDOutput:
     """What a training step needs: reconstructions and the likelihoods that give the rate."""
@@ -80,8 +83,8 @@ class IMFCodec(CompressionModel):
         self.token_log_step = nn.Parameter(torch.full((cfg.token_dim,), math.log(0.02)))
         self.token_prior = EntropyBottleneck(cfg.token_dim)  # keyframe tokens
         self.token_delta_prior = EntropyBottleneck(cfg.token_dim)  # frame-to-frame token deltas
-        # the last bank coded from, the version of the parameters it was made with, its ready operands
-        self._ready_bank: tuple[list[Reference], tuple, list] | None = None
+        # the last READY_BANKS banks coded from, newest last: (bank, parameter versions, ready operands)
+        self._ready_banks: list[tuple[list[Reference], tuple, list]] = []
 
     # -- building blocks ----------------------------------------------------------------------
     def token_symbols(self, x: Tensor) -> Tensor:
@@ -114,16 +117,21 @@ class IMFCodec(CompressionModel):
 
     def _attention_bank(self, bank: Sequence[Reference], batch: int) -> list:
         """The bank's keys and values per scale. Coding (no gradients) makes them ready once per bank
-        (`CrossAttention.ready`) and keeps the last bank's: consecutive frames share a bank."""
+        (`CrossAttention.ready`) and keeps the last READY_BANKS banks': consecutive frames share a bank,
+        and an encoder and a decoder in one process (a simulated call) each have theirs."""
         kv = lambda: [kv_bank([r.kv[s] for r in bank]) for s in range(len(bank[0].kv))]
         if torch.is_grad_enabled() or batch != bank[0].x_hat.shape[0]:
             return kv()
-        cached, version = self._ready_bank, versions(self.alignment.cross)
-        if (cached is None or cached[1] != version or len(cached[0]) != len(bank)
-                or any(a is not b for a, b in zip(cached[0], bank))):
-            self._ready_bank = None  # the old bank's operands go before the new one's are made (memory)
-            cached = self._ready_bank = (list(bank), version, self.alignment.ready(kv()))
-        return cached[2]
+        version = versions(self.alignment.cross)
+        for i, (refs, made_with, ready) in enumerate(self._ready_banks):
+            if made_with == version and len(refs) == len(bank) and all(a is b for a, b in zip(refs, bank)):
+                self._ready_banks.append(self._ready_banks.pop(i))
+                return ready
+        self._ready_banks = [c for c in self._ready_banks if c[1] == version]
+        while len(self._ready_banks) >= READY_BANKS:  # the oldest go before the new one is made (memory)
+            self._ready_banks.pop(0)
+        self._ready_banks.append((list(bank), version, self.alignment.ready(kv())))
+        return self._ready_banks[-1][2]
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, x_ref: Tensor | None, x_prev: Tensor, x_cur: Tensor, key_step: Tensor | None = None,
