@@ -221,16 +221,34 @@ def mse(x_hat: Tensor, x: Tensor) -> float:
     return (x_hat - x).square().mean().item()
 
 
-# A frame whose held picture is this close (PSNR) is held without synthesizing its token to compare:
-# measured with the shipped model on 12 training clips (100 frames, AV1 references at --kbps 3 and 8),
-# of the 1,221 frames the encoder synthesized, the 141 held at 30 dB or more were all held anyway.
-# It saves the encoder's closed loop a synthesis there; a model that beats holding that close to its
-# reference would want it raised (MODEL.md).
-HOLD_WITHOUT_SYNTHESIS_MSE = 1e-3  # 30 dB
+class SynthesisGate:
+    """Whether a frame between references is worth synthesizing to weigh its token against holding,
+    where holding wins without asking. Measured with the shipped model on 12 training clips (100
+    frames, AV1 references at --kbps 3 and 8; of 1,221 frames the encoder synthesized, 699 became
+    token frames), each rule alone, none of its skipped frames would have been a token frame:
+    - the held picture is within 30 dB of the frame (141 skipped);
+    - the last synthesis since the newest reference lost to holding, and its error is more than
+      LOSS_MARGIN times this frame's held error: synthesis changes slowly from frame to frame, the
+      held error grows (220 skipped at 1.25).
+    It saves the closed loop a synthesis there (on a mostly still call, most of its work); a model
+    that beats holding closer to its reference would want both re-measured (MODEL.md)."""
 
+    HOLD_MSE = 1e-3  # 30 dB
+    LOSS_MARGIN = 1.25
 
-def synthesis_can_win(hold_mse: float) -> bool:
-    return hold_mse > HOLD_WITHOUT_SYNTHESIS_MSE
+    def __init__(self) -> None:
+        self.lost_mse: float | None = None  # the last synthesis that lost to holding, since the newest reference
+
+    def worth_synthesizing(self, hold_mse: float) -> bool:
+        if hold_mse <= self.HOLD_MSE:
+            return False
+        return self.lost_mse is None or self.lost_mse <= self.LOSS_MARGIN * hold_mse
+
+    def synthesized(self, synthesis_mse: float, won: bool) -> None:
+        self.lost_mse = None if won else synthesis_mse
+
+    def new_reference(self) -> None:
+        self.lost_mse = None
 
 
 class Encoder:
@@ -249,6 +267,7 @@ class Encoder:
         self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
         if settings.keyframe_codec == "av1" and settings.kbps:
             self.rate = RateControl(settings.kbps, fps, frames=frames)
+        self.gate = SynthesisGate()
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:
@@ -300,9 +319,12 @@ class Encoder:
         hold_mse = mse(st.picture, x) if s.repeat_keyframe else float("inf")
         repeat_cost = hold_mse + s.lmbda
         st.since_keyframe += 1
-        if (not rate or rate.affords(token_bits)) and synthesis_can_win(hold_mse):
+        if (not rate or rate.affords(token_bits)) and self.gate.worth_synthesizing(hold_mse):
             x_hat = render(self.model, u_hat, st.bank)
-            if mse(x_hat, x) + s.lmbda * token_bits < repeat_cost:
+            synthesis_mse = mse(x_hat, x)
+            won = synthesis_mse + s.lmbda * token_bits < repeat_cost
+            self.gate.synthesized(synthesis_mse, won)
+            if won:
                 st.u_prev_hat = u_hat
                 if rate:
                     rate.pay(token_bits)
@@ -323,6 +345,7 @@ class Encoder:
         u = self.model.token_symbols(x_hat)  # the token of the picture both sides hold, as in training
         data, u_hat = self.model.compress_token(u, _chain_start(st, u))
         add_reference(self.model, st, x_hat, u_hat, self.settings.bank_size)
+        self.gate.new_reference()
         if intra:
             self.since_intra = 0
             self.intra_requested = False

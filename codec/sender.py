@@ -42,7 +42,7 @@ from codec.av1_reference import ReferenceEncoder
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import step_index
 from codec.pipeline import (KeyframeBudget, RateControl, check_reference_settings, encode_keyframe, mse, psnr,
-                            render, start_reference_stream, synthesis_can_win)
+                            render, start_reference_stream, SynthesisGate)
 from codec.video_io import to_tensor, to_uint8
 from entropy import packet as pk
 from entropy.bitstream import Av1ReferenceUnit
@@ -137,6 +137,7 @@ class Sender:
         self.av1: ReferenceEncoder | None = None
         self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
         self.rate = RateControl(settings.kbps, fps, stream_overhead_bits=0) if settings.kbps else None
+        self.gate = SynthesisGate()
         self.shown: Tensor | None = None  # what the receiver shows now, as far as the sender knows
         self.fps = fps
         self.last_request: int | None = None  # frame at which the receiver last asked for an intra frame
@@ -258,9 +259,12 @@ class Sender:
         data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.tokens[base] if base is not None else None)
         bits = 8 * (pk.OVERHEAD + len(data))  # the token packet's size
         hold_cost = mse(self.shown, x)
-        if (rate is None or rate.affords(bits)) and synthesis_can_win(hold_cost):
+        if (rate is None or rate.affords(bits)) and self.gate.worth_synthesizing(hold_cost):
             x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
-            if mse(x_hat, x) + s.lmbda * bits < hold_cost:
+            synthesis_mse = mse(x_hat, x)
+            won = synthesis_mse + s.lmbda * bits < hold_cost
+            self.gate.synthesized(synthesis_mse, won)
+            if won:
                 st.tokens[fid] = u_hat
                 self._forget(fid)
                 self.shown = x_hat
@@ -311,6 +315,7 @@ class Sender:
             self.rate.pay(8 * sum(map(len, packets)), reference=True, intra=intra)
         self._forget(fid)
         self.shown = x_hat
+        self.gate.new_reference()
         return SentFrame(fid, FrameKind.KEYFRAME, packets, x_hat, psnr(x_hat, x))
 
     def _token_frame(self, fid: int, u: Tensor, x: Tensor, bank_ids: list[int]) -> SentFrame:

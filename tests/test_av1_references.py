@@ -16,7 +16,7 @@ from PIL import Image
 from codec.av1_reference import CHEAP_INTRA, Quantizer, ReferenceDecoder, ReferenceEncoder, yuv420_to_rgb
 from codec.files import encode_file, read_bitstream
 from codec.nn.weights import load_weights
-from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
+from codec.pipeline import Decoder, Encoder, EncoderSettings, SynthesisGate, pack_token_runs
 from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from entropy.bitstream import Av1ReferencesPayload, BitstreamError, ChunkType, Header, read_stream, write_stream
 from tests.conftest import moving_square_clip
@@ -200,6 +200,19 @@ def test_a_frame_its_held_picture_matches_is_held_without_a_synthesis(tiny_weigh
     encoder.encode(torch.rand_like(x))
     encoder.close()
     assert calls == [1]
+
+
+def test_synthesis_gate_skips_only_where_holding_is_known_to_win():
+    gate = SynthesisGate()
+    assert not gate.worth_synthesizing(5e-4)  # held picture within 30 dB
+    assert gate.worth_synthesizing(4e-3)
+    gate.synthesized(6e-3, won=False)  # lost: worth asking again only once holding is nearly as bad
+    assert not gate.worth_synthesizing(4e-3) and gate.worth_synthesizing(5e-3)
+    gate.synthesized(4e-3, won=True)
+    assert gate.worth_synthesizing(2e-3)
+    gate.synthesized(6e-3, won=False)
+    gate.new_reference()  # a new reference, a new synthesis to expect
+    assert gate.worth_synthesizing(2e-3)
 
 
 def test_per_frame_chunks_decode_one_by_one(tiny_weights, synthetic_video):
