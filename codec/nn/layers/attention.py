@@ -12,6 +12,7 @@ which on CPU trains about 2.5x faster than plain attention (measured with a prob
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -219,26 +220,37 @@ def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraToken
     return out[..., :e], pos
 
 
-def dense_ready(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> DenseReady | DenseTiled:
-    """`attend_dense`'s operands, built once (for queries of the references' batch size): by tiles
-    within the radius beyond which the locality bias is below -FAR_LOGIT for every head, where that
-    leaves at most 2/3 of the keys; else whole."""
-    size = kv.size
+def dense_window(size: tuple[int, int], log_locality: Tensor) -> int | None:
+    """The window within which a dense scale is attended when coding: the radius beyond which the
+    locality bias is below -FAR_LOGIT for every head, where tiles of it leave at most 2/3 of the
+    keys; else None (attended whole)."""
     radius = math.ceil(math.sqrt(FAR_LOGIT / log_locality.exp().min().item())) - 1
     span = window_tiles.TILE + 2 * radius
     if window_tiles.tileable(size) and span * span * 3 <= 2 * size[0] * size[1]:
-        return dense_tiled(kv, log_locality, extra, 2 * radius + 1)
+        return 2 * radius + 1
+    return None
+
+
+def dense_bias(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> Tensor:
+    """`attend_dense`'s bias, extra tokens' logits appended -> (h, n, s+E)."""
+    h, n = len(log_locality), kv.dist2.shape[0]
+    bias = kv.log_prior - log_locality.exp()[:, None, None] * kv.dist2
+    return torch.cat([bias, extra.logit[:, None, :].expand(h, n, -1)], -1)
+
+
+def dense_ready(kv: DenseKV, extra: ExtraTokens, bias: Tensor) -> DenseReady:
+    """`attend_dense`'s operands, built once (for queries of the references' batch size); ``bias``
+    from `dense_bias`."""
     b, h, s, _ = kv.v.shape
-    n = kv.dist2.shape[0]
-    bias = kv.log_prior - log_locality.exp()[:, None, None] * kv.dist2  # (h, n, s)
-    bias = torch.cat([bias, extra.logit[:, None, :].expand(h, n, -1)], -1).repeat(b, 1, 1)
     k = torch.cat([kv.k, extra.k.expand(b, -1, -1, -1)], 2)
     where = torch.cat([kv.pos, kv.pos.new_ones(s, 1)], -1).expand(b, h, s, 3)
     v = torch.cat([torch.cat([kv.v, where], -1), F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1)], 2)
-    return DenseReady(k.flatten(0, 1).transpose(1, 2).contiguous(), v.flatten(0, 1).contiguous(), bias)
+    return DenseReady(k.flatten(0, 1).transpose(1, 2).contiguous(), v.flatten(0, 1).contiguous(),
+                      bias if b == 1 else bias.repeat(b, 1, 1))
 
 
-def dense_tiled(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens, window: int) -> DenseTiled:
+def dense_tiled(kv: DenseKV, extra: ExtraTokens, window: int, bias: Tensor) -> DenseTiled:
+    """A dense scale's operands by tiles within ``window`` (`dense_window`); ``bias`` from `tiled_bias`."""
     b, h, s, _ = kv.v.shape
     size = kv.size
     refs, n, p = s // (size[0] * size[1]), size[0] * size[1], window // 2
@@ -252,7 +264,6 @@ def dense_tiled(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens, window: i
     per_tile = keys[0].shape[0] // (b * h)
     keys.append(extra.k.expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
     values.append(F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
-    bias = tiled_bias(size, window, refs, log_locality, extra)
     return DenseTiled(torch.cat(keys, 1).transpose(1, 2).contiguous(), torch.cat(values, 1),
                       bias if b == 1 else bias.repeat(b, 1, 1))
 
@@ -362,15 +373,11 @@ def tiled_bias(size: tuple[int, int], window: int, refs: int, log_locality: Tens
     return torch.cat([bias, logit], -1)
 
 
-def window_ready(kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None, size: tuple[int, int]) -> WindowReady:
-    return WindowReady(kv, tiled_bias(size, kv.window, len(kv.k), log_locality, extra))
-
-
 def attend_window_tiled(q: Tensor, kv: WindowKV, bias: Tensor, extra: ExtraTokens | None,
                         pixel_flow: bool = False) -> tuple[Tensor, Tensor | None]:
     """`attend_window` by tiles of queries (`window_tiles`), the same outputs up to float rounding;
-    ``bias`` from `window_ready`. The values carry extra channels so that the one product also gives
-    what the shared pixels need: the blended pixels themselves, or each reference's attention mass and
+    ``bias`` from `tiled_bias` (made once, `CrossAttention.ready`). The values carry extra channels
+    so that the one product also gives what the shared pixels need: the blended pixels themselves, or each reference's attention mass and
     mass-weighted key position (the mean offset, once the query's own position is taken off), and
     the extra tokens' weights."""
     b, h, d, y, x = q.shape
@@ -446,6 +453,7 @@ class CrossAttention(nn.Module):
         self.log_locality = nn.Parameter(torch.full((self.heads,), math.log(locality)))
         self.extra = ExtraTokens(self.heads, extra_tokens, head_dim, dim // self.heads + pixel_dim)
         self._pos_cache: tuple[tuple, Tensor] | None = None
+        self._bias_cache: dict[tuple, Tensor] = {}
 
     def _positions(self, size: tuple[int, int], device: torch.device) -> Tensor:
         """The projected position embedding (n, c); without gradients (coding) kept for the last size."""
@@ -476,12 +484,30 @@ class CrossAttention(nn.Module):
         """A bank's keys and values made ready for coding (no gradients), once per bank: the bias and
         concatenations `forward` would otherwise redo on every frame, and at a windowed scale the
         tiled form (`window_tiles`), where its map is tileable."""
+        ll = self.log_locality
         if isinstance(kv, DenseKV):
-            return dense_ready(kv, self.log_locality, self.extra)
+            refs = kv.k.shape[2] // (kv.size[0] * kv.size[1])
+            window = dense_window(kv.size, ll)
+            if window is None:
+                return dense_ready(kv, self.extra, self._bias(("dense", kv.size, refs), lambda: dense_bias(kv, ll, self.extra)))
+            bias = self._bias(("tiled", kv.size, window, refs), lambda: tiled_bias(kv.size, window, refs, ll, self.extra))
+            return dense_tiled(kv, self.extra, window, bias)
         size = tuple(n - 2 * (kv.window // 2) for n in kv.k[0].shape[-2:])
         if not window_tiles.tileable(size):
             return kv
-        return window_ready(kv, self.log_locality, self.extra, size)
+        refs = len(kv.k)
+        return WindowReady(kv, self._bias(("tiled", size, kv.window, refs),
+                                          lambda: tiled_bias(size, kv.window, refs, ll, self.extra)))
+
+    def _bias(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """A coding bias, which depends on the geometry and this module's parameters, not on the
+        references: made once (measured: most of the time a new bank took to make ready)."""
+        key = (*key, self.log_locality.device, versions(self))
+        if key not in self._bias_cache:
+            if len(self._bias_cache) >= 4:
+                self._bias_cache.pop(next(iter(self._bias_cache)))
+            self._bias_cache[key] = make()
+        return self._bias_cache[key]
 
     def forward(self, m_c: Tensor, kv: DenseKV | WindowKV | Ready, flow: Tensor | None = None
                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
