@@ -149,19 +149,11 @@ class Sender:
         self.resend_tries = 0  # resends since the receiver's newest reference last moved
 
     # -- frames -------------------------------------------------------------------------------
-    @property
-    def can_hurry(self) -> bool:
-        """Whether `encode` can code a frame cheaply when the sender is behind (AV1 references)."""
-        return self.settings.keyframe_codec == "av1"
-
     @torch.no_grad()
-    def encode(self, x: Tensor, hurry: bool = False) -> SentFrame:
-        """One frame (1, 3, R, R) in [0, 1] -> the packets to send now. ``hurry`` (AV1 references,
-        a sender behind its camera): the frame is held unless a reference is due, without E_T or a
-        synthesis to weigh a token against holding (well under a millisecond), where a skipped frame
-        would not be looked at at all: a reference due then would wait for the next one coded."""
+    def encode(self, x: Tensor) -> SentFrame:
+        """One frame (1, 3, R, R) in [0, 1] -> the packets to send now."""
         if self.settings.keyframe_codec == "av1":
-            return self._encode_av1(x, hurry)
+            return self._encode_av1(x)
         self.budget.next_frame()
         sent = self._encode(x)
         self.budget.pay(8 * sum(len(p) for p in sent.packets), sent.kind == FrameKind.KEYFRAME)
@@ -201,7 +193,7 @@ class Sender:
             self.rate.next_frame()
 
     # -- the AV1 reference stream ---------------------------------------------------------------
-    def _encode_av1(self, x: Tensor, hurry: bool = False) -> SentFrame:
+    def _encode_av1(self, x: Tensor) -> SentFrame:
         s, st, rate = self.settings, self.state, self.rate
         fid = st.frame
         st.frame += 1
@@ -233,7 +225,7 @@ class Sender:
                 newest = self.request_newest
                 rate.pay(8 * sum(map(len, resent)), intra=newest is None or newest < self.intra_ref)
             st.keyframe_requested = False
-        out = self._av1_frame(fid, x, bank_ids, intra or due or not bank_ids, intra, hurry)
+        out = self._av1_frame(fid, x, bank_ids, intra or due or not bank_ids, intra)
         out.packets[:0] = resent or []
         return out
 
@@ -259,13 +251,10 @@ class Sender:
         self.resend_tries += 1
         return list(self.ref_packets[start])
 
-    def _av1_frame(self, fid: int, x: Tensor, bank_ids: list[int], reference: bool, intra: bool,
-                   hurry: bool = False) -> SentFrame:
+    def _av1_frame(self, fid: int, x: Tensor, bank_ids: list[int], reference: bool, intra: bool) -> SentFrame:
         s, st, rate = self.settings, self.state, self.rate
         if reference:
             return self._av1_reference(fid, x, intra)
-        if hurry:  # behind the camera: hold, without E_T or a synthesis
-            return SentFrame(fid, FrameKind.HOLD, [], self.shown, psnr(self.shown, x))
         base = self._token_base(fid)
         data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.tokens[base] if base is not None else None)
         bits = 8 * (pk.OVERHEAD + len(data))  # the token packet's size

@@ -19,7 +19,6 @@ class CallReport:
     held: int  # lost, late, not sent or not rendered in time: the previous picture again
     not_sent: int  # of the held: frames the sender skipped (waiting for its first reference, or busy)
     sender_holds: int  # of the held: frames the sender chose to send nothing for (AV1 references: holding was closer)
-    held_for_time: int  # of the sender's holds: frames it held because it was behind its camera
     keyframes_sent: int
     keyframe_requests: int
     packets_sent: int
@@ -48,7 +47,7 @@ def quality(played: list[PlayedFrame], source: list[np.ndarray]) -> tuple[list[f
 
 
 def summarize(played: list[PlayedFrame], source: list[np.ndarray], fps: float, captured: list[float],
-              *, not_sent: int, sender_holds: int = 0, held_for_time: int = 0, keyframes_sent: int, keyframe_requests: int, packets_sent: int,
+              *, not_sent: int, sender_holds: int = 0, keyframes_sent: int, keyframe_requests: int, packets_sent: int,
               packets_lost: int, media_bytes: int, feedback_bytes: int) -> CallReport:
     """``captured``: clock time each frame was captured, same clock as ``PlayedFrame.shown_at``."""
     count = {o: sum(p.outcome == o for p in played) for o in Outcome}
@@ -59,7 +58,7 @@ def summarize(played: list[PlayedFrame], source: list[np.ndarray], fps: float, c
     return CallReport(
         frames=len(played), keyframes=count[Outcome.KEYFRAME], tokens=count[Outcome.TOKEN],
         concealed=count[Outcome.CONCEALED], held=count[Outcome.HELD], not_sent=not_sent,
-        sender_holds=sender_holds, held_for_time=held_for_time,
+        sender_holds=sender_holds,
         keyframes_sent=keyframes_sent, keyframe_requests=keyframe_requests, packets_sent=packets_sent,
         packets_lost=packets_lost, kbps=8 * media_bytes / 1000 / seconds,
         feedback_kbps=8 * feedback_bytes / 1000 / seconds,

@@ -69,7 +69,6 @@ class SenderSummary:
     frames: int = 0
     not_sent: int = 0
     sender_holds: int = 0
-    held_for_time: int = 0  # of the holds: frames held because the sender was behind its camera
     keyframes_sent: int = 0
     packets_sent: int = 0
     packets_dropped: int = 0  # by this side's impairment layer
@@ -152,10 +151,10 @@ async def _send_frames(sender: Sender, pool: ThreadPoolExecutor, reader: "Prefet
     summary = SenderSummary()
     period = 1 / float(source.fps)
 
-    def step(frame: np.ndarray, hurry: bool = False) -> SentFrame:
+    def step(frame: np.ndarray) -> SentFrame:
         while feedback:  # applied on the model's thread: Sender state is touched by one thread only
             sender.on_feedback(feedback.popleft())
-        return sender.encode(to_tensor(frame), hurry)
+        return sender.encode(to_tensor(frame))
 
     start = time.time() + 0.05
     i = 0
@@ -167,15 +166,12 @@ async def _send_frames(sender: Sender, pool: ThreadPoolExecutor, reader: "Prefet
         if frame is None:
             break
         summary.captured.append(time.time() if source.live else slot)
-        late = not source.live and time.time() > slot + period
-        if late and not sender.can_hurry:
+        if not source.live and time.time() > slot + period:
             # more than a frame late: drop this one, as a camera pipeline would
             await loop.run_in_executor(pool, sender.skip)
             summary.not_sent += 1
         else:
-            # more than a frame late with AV1 references: hold it (or send a due reference) at once
-            sent = await loop.run_in_executor(pool, step, frame, late)
-            summary.held_for_time += late and sent.kind == FrameKind.HOLD
+            sent = await loop.run_in_executor(pool, step, frame)
             summary.keyframes_sent += sent.kind == FrameKind.KEYFRAME
             summary.sender_holds += sent.kind == FrameKind.HOLD
             summary.packets_sent += len(sent.packets)
@@ -284,7 +280,7 @@ async def run_receiver(model: IMFCodec, out_path: Path, call: CallConfig,
             captured = []
         report = summarize(
             session.played, source, float(hello.fps), captured, not_sent=_count(bye, "not_sent"),
-            sender_holds=_count(bye, "sender_holds"), held_for_time=_count(bye, "held_for_time"),
+            sender_holds=_count(bye, "sender_holds"),
             keyframes_sent=_count(bye, "keyframes_sent"), keyframe_requests=session.receiver.stats.keyframe_requests,
             packets_sent=_count(bye, "packets_sent"), packets_lost=_count(bye, "packets_dropped"),
             media_bytes=_count(bye, "media_bytes"), feedback_bytes=session.feedback.bytes)

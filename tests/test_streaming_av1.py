@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from codec.receiver import Receiver
 from codec.sender import RESEND_TIMEOUT, FrameKind, Sender, SenderSettings
@@ -55,26 +54,6 @@ def test_lossless_av1_call_equals_closed_loop(model, frames):
     assert {FrameKind.TOKEN, FrameKind.HOLD} <= set(call.sent)  # both decisions happen on this clip
     assert_exact_where_shown(call)
     assert_holds_exact(call)
-
-
-def test_a_hurried_sender_holds_and_keeps_its_reference_schedule(model, frames, monkeypatch):
-    """Behind its camera the sender holds a frame without E_T or a synthesis, and still sends a
-    reference when one is due; the receiver shows exactly what the sender holds."""
-    sender, receiver = Sender(model, AV1, 25), Receiver(model, (model.cfg.resolution,) * 2)
-    for p in sender.encode(frames[0]).packets:
-        receiver.receive(p)
-    assert sender.can_hurry
-    calls = []
-    monkeypatch.setattr(model, "token_symbols", lambda *a: calls.append(1))
-    monkeypatch.setattr(model, "synthesize", lambda *a: calls.append(1))
-    hurried = [sender.encode(x, hurry=True) for x in frames[1:4]]
-    assert [s.kind for s in hurried] == [FrameKind.HOLD] * 3 and not any(s.packets for s in hurried) and not calls
-    monkeypatch.undo()
-    due = sender.encode(frames[4], hurry=True)
-    assert due.kind == FrameKind.KEYFRAME and due.packets  # the reference every 4 frames is not put off
-    shown = [f for p in due.packets for f in receiver.receive(p)]
-    assert shown and shown[-1].frame == 4 and torch.equal(shown[-1].x_hat, due.x_hat)
-    sender.close()
 
 
 def lose_reference_at(frame: int, times: int):
