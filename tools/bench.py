@@ -22,7 +22,7 @@ import torch
 from codec.pipeline import KEYFRAME_CODECS, EncoderSettings
 from evaluation.profile import profile_coding, profile_tables
 from evaluation.rd_eval import load_clip
-from evaluation.speed import Speed, bench_imfc, bench_x264, peak_rss_mb
+from evaluation.speed import Speed, bench_imfc, bench_synthesis, bench_x264, peak_rss_mb
 from codec.video_io import VideoError, probe
 from codec.nn.weights import load_weights, model_id
 from tools.encode import DEFAULT_KBPS
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for t in args.threads:
             rows.append(bench_imfc(model, clip.frames, clip.fps, t, settings))
+        synthesis = {t: bench_synthesis(model, clip.frames, t) for t in args.threads}
         rss_imfc = peak_rss_mb()
         for t in args.threads:
             rows.append(bench_x264(clip.frames, clip.fps, t, args.x264_crf))
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{imfc.decode_fps / x264.decode_fps:.3g}x the frame rate of libx264 (wall clock); per frame it "
                          f"takes {imfc.encode_cpu_ms / x264.encode_cpu_ms:.0f}x / {imfc.decode_cpu_ms / x264.decode_cpu_ms:.0f}x "
                          f"x264's CPU time to encode / decode.")
+        for t, (p50, p95) in synthesis.items():
+            lines.append(f"- synthesis alone (one token frame from a bank of 2 references made from this clip), {t} "
+                         f"thread(s): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
         lines += [f"- model load (weights file to a ready model, imports excluded): {load_seconds * 1000:.0f} ms",
                   (f"- peak resident memory of the process: {rss_before:.0f} MB after imports, {rss_imfc:.0f} MB after "
                   f"the imfc runs, {peak_rss_mb():.0f} MB at the end")]
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": f"imfc bench {shlex.join(argv)}", "cpu": cpu_name(), "model_id": model_id(model).hex(),
                 "load_average": [load_before[0], load_after[0]], "model_load_ms": load_seconds * 1000,
                 "peak_rss_mb": {"after_imports": rss_before, "after_imfc": rss_imfc, "end": peak_rss_mb()},
+                "synthesis_ms": {str(t): {"p50": p50, "p95": p95} for t, (p50, p95) in synthesis.items()},
                 "rows": [asdict(s) for s in rows]}, indent=1) + "\n")
         return 0
 
