@@ -42,7 +42,7 @@ from codec.av1_reference import ReferenceEncoder
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import step_index
 from codec.pipeline import (KeyframeBudget, RateControl, check_reference_settings, encode_keyframe, mse, psnr,
-                            render, start_reference_stream, SynthesisGate)
+                            render, resolve_bank_size, start_reference_stream, SynthesisGate)
 from codec.video_io import to_tensor, to_uint8
 from entropy import packet as pk
 from entropy.bitstream import Av1ReferenceUnit
@@ -63,7 +63,7 @@ class SenderSettings:
     quality_floor: float = 20.0  # PSNR (dB) under which a new keyframe is sent; 0 skips the check
     # (and the sender's synthesis, which is most of its cost)
     max_keyframe_interval: int = 250  # frames between keyframes
-    bank_size: int = 2  # references a token frame is coded with
+    bank_size: int | None = None  # references a token frame is coded with; None: DEFAULT_BANK_SIZE of the keyframe codec
     max_packet: int = pk.MAX_PACKET
     keyframe_timeout: int = 12  # frames without acknowledgement after which a keyframe counts as lost
     # (about half a second: well above a loopback or regional round trip plus a keyframe decode)
@@ -84,6 +84,7 @@ class SenderSettings:
 
     def __post_init__(self) -> None:
         check_reference_settings(self)
+        resolve_bank_size(self)
         if not 1 <= self.bank_size < pk.REF_WINDOW:
             raise ValueError(f"bank_size must be in 1..{pk.REF_WINDOW - 1}")
         if not 1 <= self.reference_copies <= 3:

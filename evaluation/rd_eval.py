@@ -22,7 +22,7 @@ import numpy as np
 from evaluation.anchors import Anchor, Reduced, reduced_round_trip, round_trip
 from evaluation.metrics import FrameScores, score
 from codec.nn.model import IMFCodec
-from codec.pipeline import Encoder, EncoderSettings, pack_token_runs
+from codec.pipeline import DEFAULT_BANK_SIZE, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
 from entropy.bitstream import REFERENCE_CHUNKS, Header, write_stream
@@ -112,13 +112,14 @@ def load_clip(path: Path, resolution: int, frames: int) -> Clip:
 
 
 def imfc_setting(s: EncoderSettings) -> str:
+    bank = f", bank of {s.bank_size}" if s.bank_size != DEFAULT_BANK_SIZE[s.keyframe_codec] else ""
     if s.keyframe_codec == "av1":
         rate = f"{s.kbps:g} kbps target" if s.kbps else f"every {s.reference_interval}, crf {s.av1_crf}"
-        return f"av1 references, {rate}"
+        return f"av1 references, {rate}{bank}"
     cap = f", cap {s.max_kbps:g} kbps" if s.max_kbps > 0 else ""
     repeat = "" if s.repeat_keyframe else ", no repeats"
     step = f", key step {s.keyframe_step:g}"
-    return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}{cap}{step}{repeat}"
+    return f"floor {s.quality_floor:g} dB, keyint {s.max_keyframe_interval}{cap}{step}{repeat}{bank}"
 
 
 def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[int, int, np.ndarray, float]:

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="PSNR (dB) under which a keyframe is sent; 0 turns the check (and the sender's "
                            "synthesis) off (default %(default)s)")
     send.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval)
-    send.add_argument("--bank-size", type=int, default=defaults.bank_size)
+    send.add_argument("--bank-size", type=int, default=None, help="references a token frame is coded with "
+                      "(default: 1 with AV1 references, 2 with learned keyframes)")
     send.add_argument("--max-kbps", type=float, default=defaults.max_kbps,
                       help="rate cap: a keyframe the quality floor asks for waits until the last 2 s stay under "
                            "it (keyframes the receiver asks for do not wait); 0 = no cap (default %(default)s)")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--frames", type=int, default=None)
     sim.add_argument("--quality-floor", type=float, default=defaults.quality_floor)
     sim.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval)
-    sim.add_argument("--bank-size", type=int, default=defaults.bank_size)
+    sim.add_argument("--bank-size", type=int, default=None)
     sim.add_argument("--max-kbps", type=float, default=defaults.max_kbps)
     sim.add_argument("--keyframe-step", type=float, default=defaults.keyframe_step, choices=KEYFRAME_STEPS)
     sim.add_argument("--lose-keyframe", type=int, default=None, metavar="K",

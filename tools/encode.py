@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="AV1 references without --kbps: frames from one to the next (default %(default)s)")
     parser.add_argument("--intra-interval", type=int, default=defaults.intra_interval,
                         help="AV1 references: frames between intra frames, 0 for only the first (default %(default)s)")
-    parser.add_argument("--bank-size", type=int, default=defaults.bank_size,
-                        help="reference frames the decoder keeps (default %(default)s)")
+    parser.add_argument("--bank-size", type=int, default=None,
+                        help="reference frames the decoder keeps (default: 1 with AV1 references, 2 with learned keyframes)")
     parser.add_argument("--frames", type=int, default=None, help="encode at most this many frames")
     parser.add_argument("--crop", type=parse_crop, default=None,
                         help="square crop LEFT,TOP,SIZE in source pixels (default: the centered square)")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    if (args.max_keyframe_interval < 1 or not 1 <= args.bank_size <= 8 or args.max_kbps < 0
+    if (args.max_keyframe_interval < 1 or not 1 <= (args.bank_size or 1) <= 8 or args.max_kbps < 0
             or (args.kbps is not None and args.kbps < 0)):
         parser.error("--max-keyframe-interval must be >= 1, --bank-size in 1..8, --max-kbps and --kbps >= 0")
     codec = args.keyframe_codec

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from evaluation.anchors import SPECS, Anchor, Reduced
 from evaluation.metrics import MetricError, vmaf_available
-from codec.pipeline import EncoderSettings
+from codec.pipeline import MAX_BANK, EncoderSettings
 from evaluation.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
 from evaluation.rd_report import side_by_side, write_report
 from codec.video_io import VideoError, probe
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kbps", type=float_list, default=(),
                         help="imfc with AV1 references at these rate targets (imfc encode --kbps), instead of "
                              "--imfc-points, e.g. 1.5,2,3,4,6,8")
+    parser.add_argument("--bank-size", type=int, default=None,
+                        help="references the decoder keeps, for the --kbps points (default: AV1's, 1)")
     parser.add_argument("--no-repeat", action="store_true",
                         help="imfc synthesizes every token frame, never repeating a keyframe's picture")
     parser.add_argument("--no-vmaf", action="store_true", help="skip VMAF (scored NaN)")
@@ -128,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     reduced += [(Anchor.SVTAV1, Reduced(size=args.small), args.small_crf)] if args.small and args.small_crf else []
     if any(r <= 0 for r in args.kbps):
         parser.error("--kbps values must be positive")
-    points = [EncoderSettings(keyframe_codec="av1", kbps=r) for r in args.kbps] or args.imfc_points
+    if args.bank_size is not None and not 1 <= args.bank_size <= MAX_BANK:
+        parser.error(f"--bank-size must be 1 to {MAX_BANK}")
+    points = [EncoderSettings(keyframe_codec="av1", kbps=r, bank_size=args.bank_size) for r in args.kbps] or args.imfc_points
     imfc = [replace(p, repeat_keyframe=not args.no_repeat) for p in points]
 
     def action() -> int:
