@@ -87,14 +87,15 @@ def bench_imfc(model: IMFCodec, frames: np.ndarray, fps: Fraction, threads: int,
     return _speed("imfc", threads, keyframes, sum(len(c.payload) for c in chunks), fps, enc, dec, enc_cpu, dec_cpu)
 
 
-def bench_synthesis(model: IMFCodec, frames: np.ndarray, threads: int, repeats: int = 15) -> tuple[float, float]:
-    """One token frame synthesized from a bank of 2 references (the clip's first frame and the
-    frame 6 later, or its last), as a decoder shows it, alone: -> (p50, p95) ms over ``repeats``
+def bench_synthesis(model: IMFCodec, frames: np.ndarray, threads: int, bank_size: int = 2,
+                    repeats: int = 15) -> tuple[float, float]:
+    """One token frame synthesized from a bank of references (the clip's frames 0, 6, 12...; its
+    last where it is shorter), as a decoder shows it, alone: -> (p50, p95) ms over ``repeats``
     frames, after one that makes the bank ready."""
     torch.set_num_threads(threads)
-    x = [to_tensor(f) for f in frames[:12]]
+    x = [to_tensor(f) for f in frames[:max(12, 6 * bank_size)]]
     with torch.no_grad():
-        bank = [model.reference_from_picture(x[0]), model.reference_from_picture(x[min(6, len(x) - 1)])]
+        bank = [model.reference_from_picture(x[min(6 * i, len(x) - 1)]) for i in range(bank_size)]
         tokens = [model.token_symbols(f).round() for f in x]
         model.synthesize(tokens[-1], bank)
         times = []

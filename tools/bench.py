@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for t in args.threads:
             rows.append(bench_imfc(model, clip.frames, clip.fps, t, settings))
-        synthesis = {t: bench_synthesis(model, clip.frames, t) for t in args.threads}
+        synthesis = {t: bench_synthesis(model, clip.frames, t, settings.bank_size) for t in args.threads}
         rss_imfc = peak_rss_mb()
         for t in args.threads:
             rows.append(bench_x264(clip.frames, clip.fps, t, args.x264_crf))
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"takes {imfc.encode_cpu_ms / x264.encode_cpu_ms:.0f}x / {imfc.decode_cpu_ms / x264.decode_cpu_ms:.0f}x "
                          f"x264's CPU time to encode / decode.")
         for t, (p50, p95) in synthesis.items():
-            lines.append(f"- synthesis alone (one token frame from a bank of 2 references made from this clip), {t} "
+            lines.append(f"- synthesis alone (one token frame from a bank of {settings.bank_size} reference(s) made from "
+                         f"this clip, as the bank of these settings), {t} "
                          f"thread(s): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
         lines += [f"- model load (weights file to a ready model, imports excluded): {load_seconds * 1000:.0f} ms",
                   (f"- peak resident memory of the process: {rss_before:.0f} MB after imports, {rss_imfc:.0f} MB after "
