@@ -95,5 +95,5 @@ def attend(q: Tensor, k_t: Tensor, v: Tensor, bias: Tensor, scale: float) -> Ten
         pieces = [(slice(None), slice(i, i + step)) for i in range(0, n, step)]
     for batches, rows in pieces:
         logits = torch.baddbmm(bias[batches, rows], q[batches, rows], k_t[batches], alpha=scale)
-        out[batches, rows] = torch.bmm(torch.softmax(logits, -1, out=logits), v[batches])
+        out[batches, rows] = torch.bmm(logits.softmax(-1), v[batches])  # (out=logits would copy back)
     return out
