@@ -2,9 +2,10 @@
 call, broken down by step and module of the IMF networks and by torch op (torch.profiler).
 
 Steps are the model's entry points (E_T, the reference side, synthesis, entropy coding, the
-keyframe codec) and the AV1 reference stream's encode and decode; modules are the networks inside synthesis and each cross-attention scale. Their
-times are inclusive CPU time (a step contains its modules), summed over the frames, so the table
-reads as "of this much time per frame, so much went here".
+keyframe codec) and the AV1 reference stream's encode and decode; modules are the networks inside
+synthesis and each cross-attention scale. Their times are inclusive CPU time (a step contains its
+modules), summed over the frames, so the table reads as "of this much time per frame, so much
+went here".
 """
 
 from __future__ import annotations
@@ -63,8 +64,6 @@ def labelled(model: IMFCodec) -> Iterator[None]:
     wrappers and forward hooks, all removed afterwards)."""
     patched, hooks = [], []
 
-    classes = []
-
     def wrap(owner: object, method: str, label: str) -> None:
         original = getattr(owner, method)
 
@@ -73,7 +72,7 @@ def labelled(model: IMFCodec) -> Iterator[None]:
                 return original(*args, **kwargs)
 
         setattr(owner, method, timed)
-        (classes if isinstance(owner, type) else patched).append((owner, method, original))
+        patched.append((owner, method, original))
 
     for label, (path, method) in STEPS.items():
         wrap(getattr(model, path) if path else model, method, label)
@@ -92,10 +91,11 @@ def labelled(model: IMFCodec) -> Iterator[None]:
     try:
         yield
     finally:
-        for owner, method, _ in patched:
-            delattr(owner, method)  # the instance attribute goes; the class's method shows again
-        for cls, method, original in classes:
-            setattr(cls, method, original)
+        for owner, method, original in patched:
+            if isinstance(owner, type):
+                setattr(owner, method, original)
+            else:
+                delattr(owner, method)  # the instance attribute goes; the class's method shows again
         for h in hooks:
             h.remove()
 

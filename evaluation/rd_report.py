@@ -190,7 +190,8 @@ def summary_markdown(points: list[RDPoint], bd: list[BDEntry], meta: dict) -> st
            "(imfc encode --kbps)" if av1 else
            "a frame whose reconstruction falls under the floor's PSNR becomes a keyframe, and keyint N forces one "
            "after N token frames")
-    lines += [f"- imfc: {'; '.join(meta['imfc_settings'])} (closed loop; the decoder keeps 1 reference with AV1 references, 2 with learned keyframes, unless a setting names its bank; {how})", ""]
+    banks = "the decoder keeps 1 reference with AV1 references, 2 with learned keyframes, unless a setting names its bank"
+    lines += [f"- imfc: {'; '.join(meta['imfc_settings'])} (closed loop; {banks}; {how})", ""]
     lines += ["Averaged over clips (per codec and setting):", "",
               "| codec | setting | kbps | PSNR RGB | PSNR Y | SSIM | MS-SSIM | VMAF | GMSD |", "|---|---|---|---|---|---|---|---|---|"]
     for codec in codecs_in(points):

@@ -1,9 +1,9 @@
 """Speed of imfc and of libx264 on the same frames: frames/s, per-frame latency, memory.
 
 Latency is wall clock per frame, one frame at a time as in a call (no batching, no lookahead):
-for imfc, one ``Encoder.encode`` / ``Decoder.decode`` call (references, learned or AV1, included); for x264, one frame sent to the
-encoder and its packets received (zerolatency: a frame's packet comes out with it), and one
-packet decoded. Keyframes are included in imfc's numbers (they cost more than token frames).
+for imfc, one ``Encoder.encode`` / ``Decoder.decode`` call (references, learned or AV1,
+included); for x264, one frame sent to the encoder and its packets received (zerolatency: a
+frame's packet comes out with it), and one packet decoded. Keyframes are included in imfc's numbers (they cost more than token frames).
 
 Beside wall clock, each run records the process's CPU time (all its threads) per frame: on a
 machine shared with other work, wall clock stretches with the contention, CPU time much less.

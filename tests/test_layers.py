@@ -11,7 +11,7 @@ import torch
 import pytest
 
 from codec.nn.layers import window_tiles
-from codec.nn.layers.attention import (CrossAttention, DenseKV, DenseReady, DenseTiled, TransformerBlock, WindowKV, WindowReady,
+from codec.nn.layers.attention import (CrossAttention, DenseKV, DenseReady, TransformerBlock, WindowKV, WindowReady,
                                        attend_dense, bank, warp_shared_pixels)
 from codec.nn.layers.warp import resize_flow, warp
 
@@ -135,7 +135,7 @@ def test_ready_dense_attention_matches_attend_dense(refs):
     m_c = torch.randn(1, 16, 6, 5)
     with torch.no_grad():
         ready = attn.ready(kv)
-        assert isinstance(ready, DenseReady)
+        assert isinstance(ready, DenseReady) and not ready.tiled
         for want, got in zip(attn(m_c, kv), attn(m_c, ready)):
             if want is not None:
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -153,7 +153,7 @@ def test_dense_attention_by_tiles_drops_only_keys_without_weight(refs):
     m_c = torch.randn(1, 16, 16, 24)
     with torch.no_grad():
         ready = attn.ready(kv)
-        assert isinstance(ready, DenseTiled)
+        assert isinstance(ready, DenseReady) and ready.tiled
         (want, _, want_flow), (got, _, got_flow) = attn(m_c, kv), attn(m_c, ready)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got_flow, want_flow, atol=1e-5, rtol=0)

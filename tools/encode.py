@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    if (args.max_keyframe_interval < 1 or not 1 <= (args.bank_size or 1) <= 8 or args.max_kbps < 0
+    if (args.max_keyframe_interval < 1 or args.max_kbps < 0
             or (args.kbps is not None and args.kbps < 0)):
-        parser.error("--max-keyframe-interval must be >= 1, --bank-size in 1..8, --max-kbps and --kbps >= 0")
+        parser.error("--max-keyframe-interval must be >= 1, --max-kbps and --kbps >= 0")
     codec = args.keyframe_codec
     kbps = DEFAULT_KBPS if args.kbps is None else args.kbps
     try:

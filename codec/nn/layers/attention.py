@@ -146,25 +146,29 @@ def versions(module: nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in module.parameters())
 
 
+def cached(cache: dict[tuple, Tensor], key: tuple, make: Callable[[], Tensor], keep: int = 4) -> Tensor:
+    """A tensor for coding that depends on geometry and parameters, not on the references (position
+    embeddings, locality biases), made once for ``key`` (which names the parameters' versions); the
+    last ``keep`` are kept. Measured: the biases were most of the time a new bank took to make ready."""
+    if key not in cache:
+        if len(cache) >= keep:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
+
+
 @dataclass
 class DenseReady:
     """A bank's operands at a dense scale for coding, extra tokens appended, made once per bank:
-    what `attend_dense` rebuilds on every call (the bias alone is heads x n x s) is made here once."""
+    what `attend_dense` rebuilds on every call (the bias alone is heads x n x s) is made here once.
+    ``tiled``: keys farther than the learned locality lets carry any weight are dropped and the
+    rest attended by tiles (`window_tiles`; keys do not move at a dense scale, so their tiles are
+    made once too); B = b*h*tiles and n = T*T then, else B = b*h."""
 
-    k_t: Tensor  # (b*h, d, s+E) keys, transposed for the product
-    v: Tensor  # (b*h, s+E, e+3) values, then (y, x, 1) of each key (zeros for extra tokens)
-    bias: Tensor  # (b*h, n, s+E)
-
-
-@dataclass
-class DenseTiled:
-    """A dense scale made ready for coding as windowed attention: keys farther than its learned
-    locality lets carry any weight are dropped (`dense_ready`). Keys and values do not move at a
-    dense scale, so their tiles (`window_tiles`) are made once per bank too."""
-
-    k_t: Tensor  # (b*h*tiles, d, R*K+E)
-    v: Tensor  # (b*h*tiles, R*K+E, e+3) values, then each key's (y, x, 1) (extra tokens: zeros)
-    bias: Tensor  # (b*h*tiles, T*T, R*K+E)
+    k_t: Tensor  # (B, d, keys+E) keys, transposed for the product
+    v: Tensor  # (B, keys+E, e+3) values, then each key's (y, x, 1) (extra tokens: zeros)
+    bias: Tensor  # (B, n, keys+E)
+    tiled: bool
 
 
 @dataclass
@@ -176,7 +180,7 @@ class WindowReady:
     bias: Tensor  # (h*tiles, T*T, R*K+E)
 
 
-Ready = DenseReady | DenseTiled | WindowReady
+Ready = DenseReady | WindowReady
 
 # A key whose locality bias is below -FAR_LOGIT is left out of a dense scale's attention when coding.
 # Measured with the shipped model on real frames (bank of 2), the attention mass beyond a radius of
@@ -202,22 +206,23 @@ class ExtraTokens(nn.Module):
         self.logit = nn.Parameter(torch.full((heads, count), -8.0))
 
 
+def _with_positions(kv: DenseKV, extra: ExtraTokens) -> tuple[Tensor, Tensor]:
+    """A dense bank's values with each key's (y, x, 1) appended (b, h, s, e+3), and the extra
+    tokens' values with zeros there (h, E, e+3): the same product then gives the attended position."""
+    b, h, s, _ = kv.v.shape
+    where = torch.cat([kv.pos, kv.pos.new_ones(s, 1)], -1).expand(b, h, s, 3)
+    return torch.cat([kv.v, where], -1), F.pad(extra.v, (0, 3))
+
+
 def attend_dense(q: Tensor, kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> tuple[Tensor, Tensor]:
     """q (b, h, n, d) -> values (b, h, n, e) and the key position the queries attend to, averaged over
     heads (b, n, 2), by scaled_dot_product_attention with the locality bias."""
-    b, h, n, _ = q.shape
-    s, e = kv.v.shape[-2:]
-    bias = kv.log_prior - log_locality.exp()[:, None, None] * kv.dist2  # (h, n, s)
-    bias = torch.cat([bias, extra.logit[:, None, :].expand(h, n, -1)], -1)
+    b = q.shape[0]
     k = torch.cat([kv.k, extra.k.expand(b, -1, -1, -1)], 2)
-    # three more value channels, (y, x, 1) for keys and zeros for extra tokens, make the same softmax
-    # give the attended position (normalised by the mass on real keys)
-    where = torch.cat([kv.pos, kv.pos.new_ones(s, 1)], -1).expand(b, h, s, 3)
-    v = torch.cat([torch.cat([kv.v, where], -1),
-                   F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1)], 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-    pos = out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
-    return out[..., :e], pos
+    values, extra_v = _with_positions(kv, extra)
+    v = torch.cat([values, extra_v.expand(b, -1, -1, -1)], 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_bias(kv, log_locality, extra).to(q.dtype))
+    return _values_and_position(out)
 
 
 def dense_window(size: tuple[int, int], log_locality: Tensor) -> int | None:
@@ -238,54 +243,44 @@ def dense_bias(kv: DenseKV, log_locality: Tensor, extra: ExtraTokens) -> Tensor:
     return torch.cat([bias, extra.logit[:, None, :].expand(h, n, -1)], -1)
 
 
-def dense_ready(kv: DenseKV, extra: ExtraTokens, bias: Tensor) -> DenseReady:
-    """`attend_dense`'s operands, built once (for queries of the references' batch size); ``bias``
-    from `dense_bias`."""
+def dense_ready(kv: DenseKV, extra: ExtraTokens, bias: Tensor, window: int | None) -> DenseReady:
+    """`attend_dense`'s operands, built once (for queries of the references' batch size): whole,
+    with ``bias`` from `dense_bias`, or by tiles within ``window`` (`dense_window`), with ``bias``
+    from `tiled_bias`."""
     b, h, s, _ = kv.v.shape
-    k = torch.cat([kv.k, extra.k.expand(b, -1, -1, -1)], 2)
-    where = torch.cat([kv.pos, kv.pos.new_ones(s, 1)], -1).expand(b, h, s, 3)
-    v = torch.cat([torch.cat([kv.v, where], -1), F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1)], 2)
-    return DenseReady(k.flatten(0, 1).transpose(1, 2).contiguous(), v.flatten(0, 1).contiguous(),
-                      bias if b == 1 else bias.repeat(b, 1, 1))
+    values, extra_v = _with_positions(kv, extra)
+    if window is None:  # one "tile": the whole map
+        keys, values = [kv.k[:, :, None]], [values[:, :, None]]
+    else:
+        size, p = kv.size, window // 2
+
+        def tiles(t: Tensor) -> list[Tensor]:  # (b, h, R*n, c) -> per reference (b, h, tiles, K, c)
+            maps = rearrange(t, "b h (r y x) c -> r b h c y x", r=s // (size[0] * size[1]), y=size[0])
+            return [window_tiles.tile_keys(F.pad(m, (p,) * 4), window).unflatten(0, (b, h, -1)) for m in maps]
+
+        keys, values = tiles(kv.k), tiles(values)
+    n = keys[0].shape[2]
+    k = torch.cat([*keys, extra.k[None, :, None].expand(b, -1, n, -1, -1)], 3).flatten(0, 2)
+    v = torch.cat([*values, extra_v[None, :, None].expand(b, -1, n, -1, -1)], 3).flatten(0, 2)
+    return DenseReady(k.transpose(1, 2).contiguous(), v, bias if b == 1 else bias.repeat(b, 1, 1), window is not None)
 
 
-def dense_tiled(kv: DenseKV, extra: ExtraTokens, window: int, bias: Tensor) -> DenseTiled:
-    """A dense scale's operands by tiles within ``window`` (`dense_window`); ``bias`` from `tiled_bias`."""
-    b, h, s, _ = kv.v.shape
-    size = kv.size
-    refs, n, p = s // (size[0] * size[1]), size[0] * size[1], window // 2
-
-    def tiles(t: Tensor) -> list[Tensor]:  # (b, h, R*n, c) -> per reference (b*h*tiles, K, c)
-        maps = rearrange(t, "b h (r y x) c -> r b h c y x", r=refs, y=size[0])
-        return [window_tiles.tile_keys(F.pad(m, (p,) * 4), window) for m in maps]
-
-    where = torch.cat([kv.pos, kv.pos.new_ones(refs * n, 1)], -1).expand(b, h, refs * n, 3)
-    keys, values = tiles(kv.k), tiles(torch.cat([kv.v, where], -1))
-    per_tile = keys[0].shape[0] // (b * h)
-    keys.append(extra.k.expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
-    values.append(F.pad(extra.v, (0, 3)).expand(b, -1, -1, -1).repeat_interleave(per_tile, 1).flatten(0, 1))
-    return DenseTiled(torch.cat(keys, 1).transpose(1, 2).contiguous(), torch.cat(values, 1),
-                      bias if b == 1 else bias.repeat(b, 1, 1))
-
-
-def attend_dense_tiled(q: Tensor, ready: DenseTiled, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """`attend_dense` on tiled operands: q (b, h, n, d) -> (b, h, n, e), attended position (b, n, 2)."""
-    b, h, _, d = q.shape
-    q = rearrange(q, "b h (y x) d -> b h d y x", y=size[0])
-    out = window_tiles.attend(window_tiles.tile_queries(q), ready.k_t, ready.v, ready.bias, d ** -0.5)
-    out = rearrange(window_tiles.untile(out, b, h, size), "b h c y x -> b h (y x) c")
+def _values_and_position(out: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention output (b, h, n, e+3) with the (y, x, 1) channels -> values (b, h, n, e) and the
+    attended position, averaged over heads and normalised by the mass on real keys (b, n, 2)."""
     e = out.shape[-1] - 3
-    pos = out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
-    return out[..., :e], pos
+    return out[..., :e], out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
 
 
-def attend_dense_ready(q: Tensor, ready: DenseReady) -> tuple[Tensor, Tensor]:
-    """`attend_dense` on ready operands: the same outputs, up to float rounding."""
+def attend_dense_ready(q: Tensor, ready: DenseReady, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """`attend_dense` on ready operands: q (b, h, n, d) -> the same outputs, up to float rounding."""
     b, h, _, d = q.shape
-    out = window_tiles.attend(q.flatten(0, 1), ready.k_t, ready.v, ready.bias, d ** -0.5).unflatten(0, (b, h))
-    e = out.shape[-1] - 3
-    pos = out[..., e:e + 2].sum(1) / out[..., e + 2:].sum(1).clamp_min(1e-6)
-    return out[..., :e], pos
+    if not ready.tiled:
+        out = window_tiles.attend(q.flatten(0, 1), ready.k_t, ready.v, ready.bias, d ** -0.5).unflatten(0, (b, h))
+        return _values_and_position(out)
+    q = window_tiles.tile_queries(rearrange(q, "b h (y x) d -> b h d y x", y=size[0]))
+    out = window_tiles.untile(window_tiles.attend(q, ready.k_t, ready.v, ready.bias, d ** -0.5), b, h, size)
+    return _values_and_position(rearrange(out, "b h c y x -> b h (y x) c"))
 
 
 def attend_window(q: Tensor, kv: WindowKV, log_locality: Tensor, extra: ExtraTokens | None,
@@ -377,9 +372,9 @@ def attend_window_tiled(q: Tensor, kv: WindowKV, bias: Tensor, extra: ExtraToken
                         pixel_flow: bool = False) -> tuple[Tensor, Tensor | None]:
     """`attend_window` by tiles of queries (`window_tiles`), the same outputs up to float rounding;
     ``bias`` from `tiled_bias` (made once, `CrossAttention.ready`). The values carry extra channels
-    so that the one product also gives what the shared pixels need: the blended pixels themselves, or each reference's attention mass and
-    mass-weighted key position (the mean offset, once the query's own position is taken off), and
-    the extra tokens' weights."""
+    so that the one product also gives what the shared pixels need: the blended pixels themselves,
+    or each reference's attention mass and mass-weighted key position (the mean offset, once the
+    query's own position is taken off), and the extra tokens' weights."""
     b, h, d, y, x = q.shape
     refs, e, w = len(kv.k), kv.v[0].shape[2], kv.window
     span, p = window_tiles.TILE + w - 1, w // 2
@@ -452,17 +447,12 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.log_locality = nn.Parameter(torch.full((self.heads,), math.log(locality)))
         self.extra = ExtraTokens(self.heads, extra_tokens, head_dim, dim // self.heads + pixel_dim)
-        self._pos_cache: tuple[tuple, Tensor] | None = None
-        self._bias_cache: dict[tuple, Tensor] = {}
+        self._cache: dict[tuple, Tensor] = {}  # coding: position embeddings and biases (`cached`)
 
     def _positions(self, size: tuple[int, int], device: torch.device) -> Tensor:
-        """The projected position embedding (n, c); without gradients (coding) kept for the last size."""
-        if torch.is_grad_enabled():
-            return self.pos(sinusoidal_positions(*size, self.num_freqs, device))
-        key = (size, device, versions(self.pos))
-        if self._pos_cache is None or self._pos_cache[0] != key:
-            self._pos_cache = (key, self.pos(sinusoidal_positions(*size, self.num_freqs, device)))
-        return self._pos_cache[1]
+        """The projected position embedding (n, c); without gradients (coding) made once per size."""
+        make = lambda: self.pos(sinusoidal_positions(*size, self.num_freqs, device))
+        return make() if torch.is_grad_enabled() else self._cached(("positions", size), make)
 
     def _embed(self, m: Tensor, proj: nn.Linear) -> Tensor:
         """(b, c, y, x) -> (b, h, n, d): normalised, position-embedded, projected."""
@@ -489,25 +479,19 @@ class CrossAttention(nn.Module):
             refs = kv.k.shape[2] // (kv.size[0] * kv.size[1])
             window = dense_window(kv.size, ll)
             if window is None:
-                return dense_ready(kv, self.extra, self._bias(("dense", kv.size, refs), lambda: dense_bias(kv, ll, self.extra)))
-            bias = self._bias(("tiled", kv.size, window, refs), lambda: tiled_bias(kv.size, window, refs, ll, self.extra))
-            return dense_tiled(kv, self.extra, window, bias)
+                bias = self._cached(("dense", kv.size, refs), lambda: dense_bias(kv, ll, self.extra))
+            else:
+                bias = self._cached(("tiled", kv.size, window, refs), lambda: tiled_bias(kv.size, window, refs, ll, self.extra))
+            return dense_ready(kv, self.extra, bias, window)
         size = tuple(n - 2 * (kv.window // 2) for n in kv.k[0].shape[-2:])
         if not window_tiles.tileable(size):
             return kv
         refs = len(kv.k)
-        return WindowReady(kv, self._bias(("tiled", size, kv.window, refs),
-                                          lambda: tiled_bias(size, kv.window, refs, ll, self.extra)))
+        return WindowReady(kv, self._cached(("tiled", size, kv.window, refs),
+                                            lambda: tiled_bias(size, kv.window, refs, ll, self.extra)))
 
-    def _bias(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
-        """A coding bias, which depends on the geometry and this module's parameters, not on the
-        references: made once (measured: most of the time a new bank took to make ready)."""
-        key = (*key, self.log_locality.device, versions(self))
-        if key not in self._bias_cache:
-            if len(self._bias_cache) >= 4:
-                self._bias_cache.pop(next(iter(self._bias_cache)))
-            self._bias_cache[key] = make()
-        return self._bias_cache[key]
+    def _cached(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        return cached(self._cache, (*key, self.log_locality.device, versions(self)), make)
 
     def forward(self, m_c: Tensor, kv: DenseKV | WindowKV | Ready, flow: Tensor | None = None
                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -516,13 +500,11 @@ class CrossAttention(nn.Module):
         map. A windowed scale takes such a displacement as ``flow`` and centres its windows there."""
         y, x = m_c.shape[-2:]
         q = self._embed(m_c, self.to_q)
-        if isinstance(kv, (DenseKV, DenseReady, DenseTiled)):
+        if isinstance(kv, (DenseKV, DenseReady)):
             if isinstance(kv, DenseKV):
                 out, pos = attend_dense(q, kv, self.log_locality, self.extra)
-            elif isinstance(kv, DenseTiled):
-                out, pos = attend_dense_tiled(q, kv, (y, x))
             else:
-                out, pos = attend_dense_ready(q, kv)
+                out, pos = attend_dense_ready(q, kv, (y, x))
             displacement = rearrange(pos - _grid(y, x, pos.device), "b (y x) t -> b t y x", y=y)
             return rearrange(out, "b h (y x) e -> b (h e) y x", y=y), None, displacement
         ready = kv if isinstance(kv, WindowReady) else None
@@ -551,7 +533,7 @@ class TransformerBlock(nn.Module):
         self.mlp = Mlp(dim, dim * ff_mult, act_layer=nn.GELU)
         # windowed self-attention: no locality prior (exp(-30) ~ 0) and no extra tokens
         self.register_buffer("no_locality", torch.full((self.heads,), -30.0), persistent=False)
-        self._tiled_bias: tuple[tuple, Tensor] | None = None  # ((size, device), bias) for coding
+        self._cache: dict[tuple, Tensor] = {}  # coding: the tiled window mask (`cached`)
 
     def _window_attention(self, maps: list[Tensor]) -> Tensor:
         """q, k, v maps (b, h, d, y, x) -> (b, h, d, y, x). Without gradients (coding), by tiles."""
@@ -559,9 +541,8 @@ class TransformerBlock(nn.Module):
         kv = WindowKV.from_maps(maps[1], maps[2], None, self.window)
         if torch.is_grad_enabled() or not window_tiles.tileable(size):
             return attend_window(maps[0], kv, self.no_locality, None)[0]
-        if self._tiled_bias is None or self._tiled_bias[0] != (size, maps[0].device):
-            self._tiled_bias = ((size, maps[0].device), window_tiles.window_bias(size, self.window, self.no_locality, 1))
-        return attend_window_tiled(maps[0], kv, self._tiled_bias[1], None)[0]
+        bias = cached(self._cache, (size, maps[0].device), lambda: window_tiles.window_bias(size, self.window, self.no_locality, 1))
+        return attend_window_tiled(maps[0], kv, bias, None)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         """x (b, c, y, x) -> (b, c, y, x)."""
