@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from codec.nn.config import get_config
 from codec.nn.model import build_model
@@ -245,3 +246,27 @@ def test_data_parallel_with_av1_references(cache_dir, refs_dir, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_hold_softmin_trains_the_synthesis_only_where_it_can_beat_holding():
+    """Two samples: in one the held reference is the frame itself (the encoder would hold it), in the
+    other the reference is far off. The soft minimum leaves the first sample's synthesis nearly
+    untouched and trains the second at full weight; the plain loss trains both alike."""
+    from codec.nn.model import RDOutput
+    from train.losses import rd_loss
+
+    g = torch.Generator().manual_seed(0)
+    x_cur = torch.rand(2, 3, 64, 64, generator=g)
+    x_ref = torch.stack([x_cur[0], torch.rand(3, 64, 64, generator=g)])
+    x_hat = (x_cur + 0.1 * torch.randn(2, 3, 64, 64, generator=g)).clamp(0, 1).requires_grad_()
+    likelihoods = torch.full((2, 32), 0.5)
+
+    def grads(t: float) -> Tensor:
+        x_hat.grad = None
+        out = RDOutput(x_hat, x_ref, likelihoods, None, None)
+        rd_loss(out, x_cur, x_ref, 0.1, 0.0, 0.3, hold_softmin=t).loss.backward()
+        return x_hat.grad.flatten(1).norm(dim=1)
+
+    plain, soft = grads(0.0), grads(0.01)
+    assert soft[0] < 1e-2 * plain[0]  # holding is exact there: the synthesis would never be shown
+    assert torch.allclose(soft[1], plain[1], rtol=1e-3)  # holding is hopeless there: trained as before

@@ -37,6 +37,7 @@ class TrainConfig:
     av1_refs: str = ""
     av1_distance: int = 25  # current frames 1..av1_distance after the newest AV1 reference
     av1_near_power: float = 0.0  # draw that distance d with probability proportional to d ** -power (0: uniform)
+    hold_softmin: float = 0.0  # > 0: the frame's distortion is a soft minimum of synthesis and holding (losses.rd_loss)
     av1_val_crf: int = 0  # the CRF of the AV1 validation; 0 = the middle of those precomputed
     gan_weight: float = 0.0  # weight of the patch discriminator's hinge loss on the frame; 0 = no discriminator
     gan_start: int = 0  # the discriminator trains from step 0, the frame feels it from this step

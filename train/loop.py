@@ -151,7 +151,7 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
             key_step = key_steps(cfg.key_step_max, x_ref.shape[0])
             out = state.net(x_ref, x_prev, x_cur, key_step)
     terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight,
-                    key_step)
+                    key_step, cfg.hold_softmin if cfg.av1_refs else 0.0)
     loss, gan_g = terms.loss, torch.zeros(())
     if state.disc is not None and state.step >= cfg.gan_start:
         state.disc.requires_grad_(False)  # the frame's adversarial gradient must not train the discriminator

@@ -40,7 +40,7 @@ class LossTerms:
 
 
 def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmbda_key: float,
-            msssim_weight: float, key_step: Tensor | None = None) -> LossTerms:
+            msssim_weight: float, key_step: Tensor | None = None, hold_softmin: float = 0.0) -> LossTerms:
     """D(frame) + D(keyframe) + lmbda_token * bpp_token + lmbda_key * bpp_key,
     D = (1 - w) * L1 + w * (1 - MS-SSIM). Keep w at 0 until the networks reconstruct decently:
     measured here, MS-SSIM from step 0 drives a fresh keyframe codec to 7 dB (it ignores
@@ -52,16 +52,30 @@ def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmb
     (with one weight for all steps it did: 250 steps raised the unit step's bpp from 0.104 to 0.132).
 
     With references decoded by another codec (``out.keyframe_likelihoods`` None) only the frame's
-    distortion and its token's rate remain: the reference is given, not learned."""
+    distortion and its token's rate remain: the reference is given, not learned. There
+    ``hold_softmin`` T > 0 scores each sample by a soft minimum of the synthesis' distortion and that
+    of holding ``x_ref`` (the newest reference) instead, -T log(e^(-D_syn/T) + e^(-D_hold/T)): the
+    encoder shows whichever is closer, so a sample's synthesis is weighted by sigmoid((D_hold -
+    D_syn) / T), its chance of being shown, and the model need not hedge where holding wins anyway."""
     pixels = x_cur.shape[-2] * x_cur.shape[-1]
 
-    def distortion(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def per_sample(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         s = msssim(x_hat, x)
-        return (1 - msssim_weight) * (x_hat - x).abs().mean() + msssim_weight * (1 - s.mean()), s
+        return (1 - msssim_weight) * (x_hat - x).abs().flatten(1).mean(1) + msssim_weight * (1 - s), s
+
+    def distortion(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        d, s = per_sample(x_hat, x)
+        return d.mean(), s
 
     d_cur, s_cur = distortion(out.x_hat, x_cur)
     bpp_token = bits(out.token_likelihoods).mean() / pixels
     if out.keyframe_likelihoods is None:  # references decoded by another codec (AV1): nothing to code here
+        if hold_softmin > 0:
+            d_syn, s_cur = per_sample(out.x_hat, x_cur)
+            with torch.no_grad():
+                d_hold, _ = per_sample(x_ref, x_cur)
+            t = hold_softmin
+            d_cur = (-t * torch.logaddexp(-d_syn / t, -d_hold / t)).mean()
         return LossTerms(
             loss=d_cur + lmbda_token * bpp_token,
             distortion=d_cur.detach(),
