@@ -38,7 +38,7 @@ from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
 from codec.video_io import to_tensor, to_uint8
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, MAX_BANK, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, BitstreamError, Chunk, ChunkType,
+    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_BANK, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, BitstreamError, Chunk, ChunkType,
     KeyframePayload, RepeatPayload, TokenRunPayload,
 )
 
@@ -135,6 +135,14 @@ class KeyframeBudget:
 
 
 @dataclass
+class UnsentToken:
+    """The newest AV1 reference's token, which waits for the first token frame after it (format 6)."""
+
+    delta: Tensor  # (1, d) quantized, from `base`
+    base: Tensor | None  # the last token sent before it, where the chain resumes if it is never sent
+
+
+@dataclass
 class CodecState:
     """What encoder and decoder both keep between frames."""
 
@@ -142,6 +150,17 @@ class CodecState:
     u_prev_hat: Tensor | None = None  # the last token sent: the next token frame's delta starts here
     since_keyframe: int = 0
     picture: Tensor | None = None  # the newest keyframe's decoded image, which a repeat shows
+    # Format 6 sends an AV1 reference's token just before the first token frame after it, and never
+    # if a reference comes first: the encoder's reference joins its bank at once (it may synthesize
+    # the next frame), a decoder's only with its token, so an unsent one leaves the encoder's bank.
+    unsent: UnsentToken | None = None  # the encoder's
+    token_due: bool = False  # the decoder's: the next token frame's deltas start with its reference's
+
+
+def drop_unsent_reference(state: CodecState) -> None:
+    """A new reference comes while the newest one's token was never sent: no decoder holds that one."""
+    if state.unsent is not None:
+        state.bank, state.u_prev_hat, state.unsent = state.bank[:-1], state.unsent.base, None
 
 
 @dataclass
@@ -186,9 +205,16 @@ class RateControl:
     leaves. Over any stretch of ``horizon`` seconds from the start the total stays at the target;
     a file says how many ``frames`` it has, and a shorter one pays its intra frame within 80% of
     them. The first intra frame costs at most ``INTRA_SECONDS`` of the rate (`Encoder` chooses the
-    quantizer so), so the debt never takes more than the fill."""
+    quantizer so), so the debt never takes more than the fill.
+
+    A file's end leaves no time to repay a reference that costs more than expected, and some do:
+    on 6 training clips (335 inter references, --kbps 3 and 8) one in 20 cost more than
+    ``SURPRISE`` times the running mean (high motion since the last one; up to 7.6 times). So a
+    reference is due near the end only if the rest of the file could repay that much; one that
+    came late on a 4 s clip had taken it to 3.46 kbps at --kbps 3."""
 
     REFERENCE_GUESS = 800  # bits of an inter reference before one has been measured
+    SURPRISE = 4.0
     INTRA_SECONDS = 3.0
     STREAM_OVERHEAD_BITS = 8 * 66  # a 54-byte header, one chunk's 7 bytes of framing, its rANS flush
 
@@ -202,8 +228,11 @@ class RateControl:
         self.intra_budget = 1000 * kbps * self.INTRA_SECONDS
         self.horizon_frames = max(1, min(round(horizon * fps), int(0.8 * frames) if frames else 1 << 30))
         self.debts: list[list[float]] = []  # [bits per frame, frames left] of each intra frame
+        self.frames_left = frames  # None: a stream without an end (a call)
 
     def next_frame(self) -> None:
+        if self.frames_left is not None:
+            self.frames_left -= 1  # those after this one
         self.level = min(self.capacity, self.level + self.fill - sum(d[0] for d in self.debts))
         for d in self.debts:
             d[1] -= 1
@@ -211,6 +240,15 @@ class RateControl:
 
     def affords(self, bits: float) -> bool:
         return self.level >= bits
+
+    def affords_reference(self) -> bool:
+        """An inter reference at its running mean cost, and near a file's end SURPRISE times that."""
+        if not self.affords(self.reference_bits):
+            return False
+        if self.frames_left is None:
+            return True
+        owed = sum(d[0] * min(d[1], self.frames_left) for d in self.debts)
+        return self.level + self.fill * self.frames_left - owed >= self.SURPRISE * self.reference_bits
 
     def pay(self, bits: float, reference: bool = False, intra: bool = False) -> None:
         if intra:
@@ -267,10 +305,13 @@ class SynthesisGate:
 
 
 class Encoder:
-    def __init__(self, model: IMFCodec, settings: EncoderSettings, fps: float = 25.0, frames: int | None = None):
+    def __init__(self, model: IMFCodec, settings: EncoderSettings, fps: float = 25.0, frames: int | None = None,
+                 lazy_reference_tokens: bool = True):
         """``fps`` turns kbps into bits per frame and times the AV1 reference stream; ``frames``,
-        where known (a file), lets a rate target be kept over a clip shorter than 3 s."""
+        where known (a file), lets a rate target be kept over a clip shorter than 3 s.
+        ``lazy_reference_tokens`` False: every AV1 reference carries its token, as format 5 did."""
         self.model = model.eval()
+        self.lazy_reference_tokens = lazy_reference_tokens
         self.settings = settings
         self.state = CodecState()
         self.budget = KeyframeBudget(settings.max_kbps, fps)
@@ -312,6 +353,7 @@ class Encoder:
                     return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, repeat)
                 st.u_prev_hat = u_hat
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)
+        drop_unsent_reference(st)
         payload, u_hat, x_hat = encode_keyframe(self.model, x, step_index(s.keyframe_step))
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
         return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
@@ -324,12 +366,14 @@ class Encoder:
         self.since_intra += 1
         intra = not st.bank or self.intra_requested or (s.intra_interval and self.since_intra >= s.intra_interval)
         if rate:
-            due = st.since_keyframe >= 1 and rate.affords(rate.reference_bits)
+            due = st.since_keyframe >= 1 and rate.affords_reference()
         else:
             due = st.since_keyframe + 1 >= s.reference_interval
         if intra or due:
             return self._av1_reference(x, bool(intra))
         data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.u_prev_hat)
+        if st.unsent is not None:  # the reference's token goes first, in the same rANS stream
+            data = self.model.compress_deltas(torch.cat([st.unsent.delta, self.model.decompress_deltas(data, 1)]))
         token_bits = packed_token_bits(data)
         hold_mse = mse(st.picture, x) if s.repeat_keyframe else float("inf")
         repeat_cost = hold_mse + s.lmbda
@@ -340,7 +384,7 @@ class Encoder:
             won = synthesis_mse + s.lmbda * token_bits < repeat_cost
             self.gate.synthesized(synthesis_mse, won)
             if won:
-                st.u_prev_hat = u_hat
+                st.u_prev_hat, st.unsent = u_hat, None
                 if rate:
                     rate.pay(token_bits)
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, psnr(x_hat, x))
@@ -357,15 +401,21 @@ class Encoder:
         else:
             packet, picture = self.av1.code(to_uint8(x), intra)
         x_hat = to_tensor(picture)
+        drop_unsent_reference(st)
         u = self.model.token_symbols(x_hat)  # the token of the picture both sides hold, as in training
+        base = st.u_prev_hat
         data, u_hat = self.model.compress_token(u, _chain_start(st, u))
         add_reference(self.model, st, x_hat, u_hat, self.settings.bank_size)
+        token_bits = packed_token_bits(data)
+        if self.lazy_reference_tokens:
+            st.unsent = UnsentToken(self.model.decompress_deltas(data, 1), base)
+            data, token_bits = b"", 0
         self.gate.new_reference()
         if intra:
             self.since_intra = 0
             self.intra_requested = False
         if self.rate:
-            self.rate.pay(8 * len(packet) + packed_token_bits(data) + AV1_CHUNK_OVERHEAD_BITS, True, intra)
+            self.rate.pay(8 * len(packet) + token_bits + AV1_CHUNK_OVERHEAD_BITS, True, intra)
         payload = Av1ReferencesPayload(1, ((0, packet),), (), data)
         return EncodedFrame(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
@@ -397,51 +447,61 @@ def _chain_start(state: CodecState, u: Tensor) -> Tensor:
     return state.u_prev_hat if state.u_prev_hat is not None else torch.zeros_like(u)
 
 
-def pack_token_runs(model: IMFCodec, chunks: list[Chunk]) -> list[Chunk]:
+def pack_token_runs(model: IMFCodec, chunks: list[Chunk], lazy_reference_tokens: bool = True) -> list[Chunk]:
     """Each run of FRAME chunks -> one TOKEN_RUN chunk with the same token deltas, so the run pays
     the rANS flush and the chunk framing once (a token frame's ~2 bytes of information came with
     ~12 bytes of both); each run of REPEAT chunks -> one REPEAT of all their frames. From an
     AV1_REFERENCES chunk on, the AV1 references and the FRAME and REPEAT chunks between them go
     into one AV1_REFERENCES chunk, their deltas into its one token stream. Runs longer than
-    MAX_RUN_FRAMES continue in a new chunk."""
+    MAX_RUN_FRAMES continue in a new chunk. ``lazy_reference_tokens``: the Encoder's own."""
     out: list[Chunk] = []
-    run: list[Tensor] = []
+    run: list[Tensor] = []  # deltas of the open TOKEN_RUN
+    run_frames = 0
     group: dict = {}  # the open AV1_REFERENCES chunk: frames, references, modes, deltas
+    due = False  # a reference's token waits in the next token frame's payload
 
     def flush() -> None:
+        nonlocal run_frames
         if run:
-            payload = TokenRunPayload(len(run), model.compress_deltas(torch.cat(run)))
+            payload = TokenRunPayload(run_frames, model.compress_deltas(torch.cat(run)))
             out.append(Chunk(ChunkType.TOKEN_RUN, payload.to_bytes()))
             run.clear()
+            run_frames = 0
         if group:
-            payload = Av1ReferencesPayload(group["frames"], tuple(group["references"]), tuple(group["modes"]),
-                                           model.compress_deltas(torch.cat(group["deltas"])))
+            deltas = model.compress_deltas(torch.cat(group["deltas"])) if group["deltas"] else b""
+            payload = Av1ReferencesPayload(group["frames"], tuple(group["references"]), tuple(group["modes"]), deltas)
             out.append(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()))
             group.clear()
 
     for chunk in chunks:
         if chunk.type == ChunkType.AV1_REFERENCES:
-            p = Av1ReferencesPayload.from_bytes(chunk.payload)
+            p = Av1ReferencesPayload.from_bytes(chunk.payload, lazy_reference_tokens)
             if not group or group["frames"] + p.frames > MAX_RUN_FRAMES:
                 flush()
                 group.update(frames=0, references=[], modes=[], deltas=[])
             group["references"] += [(group["frames"] + i, packet) for i, packet in p.references]
             group["modes"] += p.modes
-            group["deltas"].append(model.decompress_deltas(p.tokens, p.token_count))
+            if p.tokens:
+                group["deltas"].append(model.decompress_deltas(p.tokens, p.token_count(lazy_reference_tokens)))
             group["frames"] += p.frames
+            due = lazy_reference_tokens and len(p.references) - 1 not in p.used_references()
             continue
+        deltas = model.decompress_deltas(chunk.payload, 1 + due) if chunk.type == ChunkType.FRAME else None
+        if chunk.type in (ChunkType.FRAME, ChunkType.KEYFRAME):
+            due = False
         if group and chunk.type in (ChunkType.FRAME, ChunkType.REPEAT) and group["frames"] + chunk.frames <= MAX_RUN_FRAMES:
             token = chunk.type == ChunkType.FRAME
             group["modes"] += [token] * chunk.frames
             if token:
-                group["deltas"].append(model.decompress_deltas(chunk.payload, 1))
+                group["deltas"].append(deltas)
             group["frames"] += chunk.frames
             continue
         if chunk.type == ChunkType.FRAME:
             if group:
                 flush()
-            run.append(model.decompress_deltas(chunk.payload, 1))  # the exact quantized delta
-            if len(run) == MAX_RUN_FRAMES:
+            run.append(deltas)  # the exact quantized deltas
+            run_frames += 1
+            if run_frames == MAX_RUN_FRAMES:
                 flush()
             continue
         flush()
@@ -473,6 +533,7 @@ class Decoder:
             raise BitstreamError(f"bank size {bank_size} (1 to {MAX_BANK})")
         self.model = model.eval()
         self.keyframe_steps = version >= KEYFRAME_STEP_SINCE
+        self.lazy_reference_tokens = version >= LAZY_REFERENCE_TOKENS_SINCE
         self.resolution = resolution
         self.bank_size = bank_size
         self.state = CodecState()
@@ -486,19 +547,19 @@ class Decoder:
                 yield self._repeat()
             return
         if chunk.type == ChunkType.AV1_REFERENCES:
-            yield from self._av1_references(Av1ReferencesPayload.from_bytes(chunk.payload))
+            yield from self._av1_references(Av1ReferencesPayload.from_bytes(chunk.payload, self.lazy_reference_tokens))
             return
         if chunk.type != ChunkType.TOKEN_RUN:
             yield self.decode(chunk)
             return
         run = TokenRunPayload.from_bytes(chunk.payload)
-        if not self.state.bank:
+        if not self.state.bank and not self.state.token_due:
             raise BitstreamError("a frame before any keyframe")
         with torch.no_grad():
-            deltas = self.model.decompress_deltas(run.tokens, run.frames)
-        for delta in deltas:
+            deltas = iter(self.model.decompress_deltas(run.tokens, run.frames + self.state.token_due))
+        for _ in range(run.frames):
             with torch.no_grad():
-                yield self._token_frame(delta[None])
+                yield self._token_frame(deltas)
 
     @torch.no_grad()
     def decode(self, chunk: Chunk) -> Tensor:
@@ -514,28 +575,32 @@ class Decoder:
         if chunk.type == ChunkType.KEYFRAME:
             u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload, self.keyframe_steps), self.resolution)
             add_reference(self.model, st, x_hat, u_hat, self.bank_size)
+            st.token_due = False
             return x_hat
-        if not st.bank:
+        if not st.bank and not st.token_due:
             raise BitstreamError("a frame before any keyframe")
-        return self._token_frame(self.model.decompress_deltas(chunk.payload, 1))
+        return self._token_frame(iter(self.model.decompress_deltas(chunk.payload, 1 + st.token_due)))
 
     def _av1_references(self, payload: Av1ReferencesPayload) -> Iterator[Tensor]:
         st = self.state
         if self.av1 is None:
             self.av1 = ReferenceDecoder(self.resolution[0])
+        count = payload.token_count(self.lazy_reference_tokens)
         with torch.no_grad():
-            deltas = iter(self.model.decompress_deltas(payload.tokens, payload.token_count))
+            deltas = iter(self.model.decompress_deltas(payload.tokens, count) if count else ())
         references = dict(payload.references)
         modes = iter(payload.modes)
         for i in range(payload.frames):
             with torch.no_grad():
-                if i in references:
-                    x_hat = to_tensor(self.av1.decode(references[i]))
-                    delta = next(deltas)[None]
-                    add_reference(self.model, st, x_hat, _chain_start(st, delta) + delta, self.bank_size)
-                    yield x_hat
+                if i not in references:
+                    yield self._token_frame(deltas) if next(modes) else self._repeat()
+                    continue
+                x_hat = to_tensor(self.av1.decode(references[i]))
+                if self.lazy_reference_tokens:  # its token comes with the first token frame after it, if any
+                    st.picture, st.since_keyframe, st.token_due = x_hat, 0, True
                 else:
-                    yield self._token_frame(next(deltas)[None]) if next(modes) else self._repeat()
+                    self._reference_token(x_hat, next(deltas)[None])
+                yield x_hat
 
     def _repeat(self) -> Tensor:
         st = self.state
@@ -544,8 +609,18 @@ class Decoder:
         st.since_keyframe += 1
         return st.picture
 
-    def _token_frame(self, delta: Tensor) -> Tensor:
+    def _reference_token(self, x_hat: Tensor, delta: Tensor) -> None:
+        """An AV1 reference joins the bank with its token, coded from the last token sent."""
         st = self.state
-        st.u_prev_hat = st.u_prev_hat + delta
+        since = st.since_keyframe
+        add_reference(self.model, st, x_hat, _chain_start(st, delta) + delta, self.bank_size)
+        st.since_keyframe, st.token_due = since, False
+
+    def _token_frame(self, deltas: Iterator[Tensor]) -> Tensor:
+        """The next token frame, its deltas (d,) from ``deltas``: first its reference's token where due."""
+        st = self.state
+        if st.token_due:
+            self._reference_token(st.picture, next(deltas)[None])
+        st.u_prev_hat = st.u_prev_hat + next(deltas)[None]
         st.since_keyframe += 1
         return render(self.model, st.u_prev_hat, st.bank)

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Iterator
 
 MAGIC = b"IMFC"
-VERSION = 5  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references; older streams still read
+VERSION = 6  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references, 6 their tokens
+# sent only where used; older streams still read
 KEYFRAME_STEP_SINCE = 4
 AV1_REFERENCES_SINCE = 5
+LAZY_REFERENCE_TOKENS_SINCE = 6
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
 
@@ -185,7 +187,7 @@ class Chunk:
         if self.type == ChunkType.REPEAT:
             return RepeatPayload.from_bytes(self.payload).frames
         if self.type == ChunkType.AV1_REFERENCES:
-            return Av1ReferencesPayload.from_bytes(self.payload).frames
+            return Av1ReferencesPayload.from_bytes(self.payload, lazy=None).frames
         return 1
 
     def to_bytes(self) -> bytes:
@@ -326,16 +328,33 @@ class Av1ReferencesPayload:
     Frame 0 is a reference. A reference frame shows its decoded picture; any other frame either
     synthesizes from a token (its ``modes`` flag is True) or repeats the newest reference's picture
     (False). ``tokens`` is one rANS stream of the token deltas of every reference and token frame,
-    in frame order, each from the token before (a reference's token is that of its picture)."""
+    in frame order, each from the token before (a reference's token is that of its picture).
+
+    With ``lazy`` tokens (version 6) a reference's token is sent only where a token frame follows it
+    before the next reference, just before the first such frame: most references at a few kbps are
+    followed by repeats alone, and their 4-6 byte tokens would serve nothing."""
 
     frames: int
     references: tuple[tuple[int, bytes], ...]  # (frame index, AV1 packet), in order, the first at 0
     modes: tuple[bool, ...]  # one per frame that is not a reference: True for a token frame
     tokens: bytes
 
-    @property
-    def token_count(self) -> int:
-        return len(self.references) + sum(self.modes)
+    def token_count(self, lazy: bool) -> int:
+        if not lazy:
+            return len(self.references) + sum(self.modes)
+        return sum(self.modes) + len(self.used_references())
+
+    def used_references(self) -> list[int]:
+        """Which references (their order in ``references``) a token frame in this chunk follows
+        before the next reference."""
+        starts = {i for i, _ in self.references}
+        used, newest, mode = [], -1, iter(self.modes)
+        for frame in range(self.frames):
+            if frame in starts:
+                newest += 1
+            elif next(mode) and newest not in used[-1:]:
+                used.append(newest)
+        return used
 
     def to_bytes(self) -> bytes:
         positions = [i for i, _ in self.references]
@@ -354,7 +373,9 @@ class Av1ReferencesPayload:
         return bytes(out + bits) + self.tokens
 
     @staticmethod
-    def from_bytes(payload: bytes) -> "Av1ReferencesPayload":
+    def from_bytes(payload: bytes, lazy: bool | None = False) -> "Av1ReferencesPayload":
+        """``lazy``: version 6's tokens, where a chunk of references and repeats alone has none;
+        None: whichever (the frame count, before the stream's version is known)."""
         def bad(what: str) -> BitstreamError:
             return BitstreamError(f"malformed AV1 references ({what})")
 
@@ -383,10 +404,11 @@ class Av1ReferencesPayload:
         if width and bits[-1] >> (others % 8 or 8):
             raise bad("frame mode bits past its frames")
         tokens = payload[pos + width:]
-        if not tokens:
-            raise bad("no tokens")
         modes = tuple(bool(bits[i // 8] >> (i % 8) & 1) for i in range(others))
-        return Av1ReferencesPayload(frames, tuple(references), modes, tokens)
+        out = Av1ReferencesPayload(frames, tuple(references), modes, tokens)
+        if lazy is not None and bool(tokens) != bool(out.token_count(lazy)):
+            raise bad("no tokens" if tokens == b"" else "tokens where no token is sent")
+        return out
 
 
 def write_stream(header: Header, chunks: list[Chunk]) -> bytes:
@@ -406,6 +428,8 @@ def read_stream(data: bytes) -> tuple[Header, list[Chunk]]:
                 raise BitstreamError("a stream must start with a keyframe")
             if c.type == ChunkType.KEYFRAME:
                 KeyframePayload.from_bytes(c.payload, header.version >= KEYFRAME_STEP_SINCE)
+            if c.type == ChunkType.AV1_REFERENCES:
+                Av1ReferencesPayload.from_bytes(c.payload, header.version >= LAZY_REFERENCE_TOKENS_SINCE)
             frames += c.frames
         except BitstreamError as e:
             raise BitstreamError(f"chunk {i}{c.where}: {e}") from None

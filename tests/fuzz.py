@@ -44,7 +44,7 @@ from codec.video_io import to_tensor
 from entropy import bitstream
 from entropy import packet as pk
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, ChunkType, Header,
+    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, ChunkType, Header,
     KeyframePayload, read_file, read_stream, write_stream,
 )
 from tests.conftest import moving_square_clip
@@ -65,21 +65,25 @@ def fuzz_model(seed: int = 1) -> IMFCodec:
 
 def seed_streams(model: IMFCodec, frames: int = 10) -> list[bytes]:
     """Real .imfc streams of a drifting square: with and without repeats, keyframe steps 2 and 1,
-    token runs and (unpacked) single token frames, and AV1 references (packed and one a frame)."""
+    token runs and (unpacked) single token frames, and AV1 references (packed and one a frame, and
+    packed with every reference's token, as format 5 wrote them)."""
     r = model.cfg.resolution
     clip = [to_tensor(f) for f in moving_square_clip(frames, r, seed=3)]
     out = []
-    for settings, packed in ((EncoderSettings(quality_floor=0, max_keyframe_interval=4, max_kbps=0), True),
-                             (EncoderSettings(quality_floor=0, max_keyframe_interval=6, max_kbps=0,
-                                              repeat_keyframe=False, keyframe_step=1.0, bank_size=3), True),
-                             (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False),
-                             (EncoderSettings(keyframe_codec="av1", reference_interval=3, av1_crf=55), True),
-                             (EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=60), False)):
-        encoder = Encoder(model, settings)
+    av1 = EncoderSettings(keyframe_codec="av1", reference_interval=3, av1_crf=55)
+    for settings, packed, lazy in ((EncoderSettings(quality_floor=0, max_keyframe_interval=4, max_kbps=0), True, True),
+                                   (EncoderSettings(quality_floor=0, max_keyframe_interval=6, max_kbps=0,
+                                                    repeat_keyframe=False, keyframe_step=1.0, bank_size=3), True, True),
+                                   (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False, True),
+                                   (av1, True, True),
+                                   (EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=60), False, True),
+                                   (replace(av1, lmbda=0.0), True, False)):
+        encoder = Encoder(model, settings, lazy_reference_tokens=lazy)
         chunks = [encoder.encode(x).chunk for x in clip]
         encoder.close()
-        header = Header(model.cfg.name, model_id(model), r, r, 25, 1, frames, settings.bank_size, 320, 240, 40, 0, 240)
-        out.append(write_stream(header, pack_token_runs(model, chunks) if packed else chunks))
+        header = Header(model.cfg.name, model_id(model), r, r, 25, 1, frames, settings.bank_size, 320, 240, 40, 0, 240,
+                        version=VERSION if lazy else LAZY_REFERENCE_TOKENS_SINCE - 1)
+        out.append(write_stream(header, pack_token_runs(model, chunks, lazy) if packed else chunks))
     return out
 
 
@@ -191,7 +195,7 @@ def mutate_payload(kind: int, payload: bytes, version: int, rng: random.Random) 
                 return varint(interesting(rng, n, 28), rng) + rest
             return varint(n, rng) + mutate_bytes(rest, rng)
         if kind == ChunkType.AV1_REFERENCES:
-            return mutate_av1_references(Av1ReferencesPayload.from_bytes(payload), rng)
+            return mutate_av1_references(Av1ReferencesPayload.from_bytes(payload, lazy=None), rng)
     except Exception:  # the payload is already damaged: damage it further as bytes
         pass
     return mutate_bytes(payload, rng)

@@ -1,7 +1,8 @@
-"""References as one AV1 stream (bitstream format 5): conversion, coding, the chunk, the pipeline."""
+"""References as one AV1 stream (bitstream formats 5 and 6): conversion, coding, the chunk, the pipeline."""
 
 import subprocess
 import sys
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from codec.av1_reference import CHEAP_INTRA, Quantizer, ReferenceDecoder, ReferenceEncoder, yuv420_to_rgb
+from codec.av1_reference import CHEAP_INTRA, TEMPORAL_DELIMITER, Quantizer, ReferenceDecoder, ReferenceEncoder, yuv420_to_rgb
 from codec.files import encode_file, read_bitstream
 from codec.nn.weights import load_weights
-from codec.pipeline import Decoder, Encoder, EncoderSettings, SynthesisGate, pack_token_runs
+from codec.pipeline import Decoder, Encoder, EncoderSettings, RateControl, SynthesisGate, pack_token_runs
 from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from entropy.bitstream import Av1ReferencesPayload, BitstreamError, ChunkType, Header, read_stream, write_stream
 from tests.conftest import moving_square_clip
@@ -30,10 +31,10 @@ def model_frames(path: Path, size: int, limit: int | None = None) -> list[torch.
     return [to_tensor(crop_resize(f, box, size)) for f in read_frames(path, limit)]
 
 
-def stream_bytes(model, settings: EncoderSettings, chunks) -> bytes:
+def stream_bytes(model, settings: EncoderSettings, chunks, version: int | None = None) -> bytes:
     r = model.cfg.resolution
     header = Header("tiny", b"\0" * 8, r, r, 25, 1, sum(c.frames for c in chunks), settings.bank_size, r, r, 0, 0, r)
-    return write_stream(header, chunks)
+    return write_stream(header if version is None else replace(header, version=version), chunks)
 
 
 # -- the 4:2:0 to RGB conversion ------------------------------------------------------------------
@@ -73,8 +74,20 @@ def test_encoder_and_decoder_hold_the_same_pictures():
     for i, frame in enumerate(frames):
         packet, picture = encoder.code(frame, intra=i == 0)
         assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
+        assert not packet.startswith(TEMPORAL_DELIMITER)  # 2 bytes a reference needs not carry
         assert np.array_equal(decoder.decode(packet), picture)
     encoder.close()
+
+
+def test_packets_with_their_temporal_delimiter_decode_the_same():
+    """Streams written before the delimiter was left out still decode, to the same pictures."""
+    frames = moving_square_clip(3, 64)
+    encoder = ReferenceEncoder(64, Fraction(25), Quantizer(50))
+    coded = [encoder.code(f, intra=i == 0) for i, f in enumerate(frames)]
+    encoder.close()
+    decoder = ReferenceDecoder(64)
+    for packet, picture in coded:
+        assert np.array_equal(decoder.decode(TEMPORAL_DELIMITER + packet), picture)
 
 
 def test_an_intra_refresh_decodes_on_a_fresh_decoder():
@@ -135,7 +148,22 @@ def test_payload_round_trip(frames, data):
     payload = Av1ReferencesPayload(frames, references, modes, data.draw(st.binary(min_size=1, max_size=9)))
     back = Av1ReferencesPayload.from_bytes(payload.to_bytes())
     assert back == payload
-    assert back.token_count == len(positions) + sum(modes)
+    assert back.token_count(lazy=False) == len(positions) + sum(modes)
+    # format 6: a reference's token only where a token frame follows it before the next reference
+    kinds, mode = [], iter(modes)
+    for i in range(frames):
+        kinds.append("R" if i in positions else "T" if next(mode) else "H")
+    segments = "".join(kinds).split("R")[1:]
+    used = sum("T" in segment for segment in segments)
+    assert back.token_count(lazy=True) == sum(modes) + used
+    assert back.used_references() == [k for k, segment in enumerate(segments) if "T" in segment]
+    if not any(modes):  # references and repeats alone send no token at all
+        lazy = Av1ReferencesPayload(frames, references, modes, b"")
+        assert Av1ReferencesPayload.from_bytes(lazy.to_bytes(), lazy=True) == lazy
+        with pytest.raises(BitstreamError, match="no tokens"):
+            Av1ReferencesPayload.from_bytes(lazy.to_bytes(), lazy=False)
+        with pytest.raises(BitstreamError, match="tokens where no token is sent"):
+            Av1ReferencesPayload.from_bytes(payload.to_bytes(), lazy=True)
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -215,6 +243,74 @@ def test_synthesis_gate_skips_only_where_holding_is_known_to_win():
     assert gate.worth_synthesizing(2e-3)
 
 
+# Frames 1-11 after references at 0, 3, 6 and 9: H a repeat, T a token frame. References 0 and 6 are
+# followed by repeats alone, so format 6 never sends their tokens.
+PATTERN = "RHHRTHRHHRTT"
+
+
+def encode_pattern(model, frames, settings: EncoderSettings, lazy: bool = True) -> list:
+    """Frames coded with the repeats and token frames of PATTERN: a prohibitive lambda makes a frame
+    repeat, no holding makes it a token frame."""
+    encoder = Encoder(model, settings, lazy_reference_tokens=lazy)
+    encoded = []
+    for kind, x in zip(PATTERN, frames):
+        encoder.settings = replace(settings, lmbda=1e9) if kind == "H" else replace(settings, repeat_keyframe=False)
+        encoded.append(encoder.encode(x))
+    encoder.close()
+    kinds = "".join({ChunkType.AV1_REFERENCES: "R", ChunkType.FRAME: "T", ChunkType.REPEAT: "H"}[e.chunk.type]
+                    for e in encoded)
+    assert kinds == PATTERN
+    return encoded
+
+
+def decode_all(tiny_weights, model, settings, chunks, version=None) -> list:
+    header, parsed = read_stream(stream_bytes(model, settings, chunks, version))
+    decoder = Decoder(load_weights(tiny_weights), (model.cfg.resolution,) * 2, settings.bank_size, header.version)
+    return [x for c in parsed for x in decoder.decode_frames(c)]
+
+
+@pytest.mark.parametrize("bank_size", [1, 2])
+def test_a_reference_sends_its_token_only_where_a_token_frame_follows(tiny_weights, synthetic_video, bank_size):
+    """Format 6: the tokens of references followed by repeats alone are never sent, and the stream
+    still decodes exactly, with a bank of 2 too (the encoder forgets such a reference, which no
+    decoder holds), packed or one chunk a frame."""
+    model = load_weights(tiny_weights)
+    settings = replace(AV1, reference_interval=3, bank_size=bank_size)
+    encoded = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings)
+    chunks = pack_token_runs(model, [e.chunk for e in encoded])
+    payload = Av1ReferencesPayload.from_bytes(chunks[0].payload, lazy=True)
+    assert payload.used_references() == [1, 3] and payload.token_count(lazy=True) == 2 + 3
+    for parts in (chunks, [e.chunk for e in encoded]):
+        decoded = decode_all(tiny_weights, model, settings, parts)
+        assert all(torch.equal(e.x_hat, x) for e, x in zip(encoded, decoded, strict=True))
+    eager = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings, lazy=False)
+    eager_chunks = pack_token_runs(model, [e.chunk for e in eager], lazy_reference_tokens=False)
+    assert len(chunks[0].payload) < len(eager_chunks[0].payload)
+
+
+def test_format_5_streams_with_every_references_token_still_decode(tiny_weights, synthetic_video):
+    model = load_weights(tiny_weights)
+    settings = replace(AV1, reference_interval=3, bank_size=2)
+    encoded = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings, lazy=False)
+    chunks = pack_token_runs(model, [e.chunk for e in encoded], lazy_reference_tokens=False)
+    assert Av1ReferencesPayload.from_bytes(chunks[0].payload).token_count(lazy=False) == 4 + 3
+    decoded = decode_all(tiny_weights, model, settings, chunks, version=5)
+    assert all(torch.equal(e.x_hat, x) for e, x in zip(encoded, decoded, strict=True))
+
+
+def test_a_reference_token_due_across_chunks(tiny_weights, synthetic_video, monkeypatch):
+    """Chunks split between a reference and its first token frame (a file's chunks hold at most
+    MAX_RUN_FRAMES frames, here 4): the token run after it starts with the reference's token."""
+    monkeypatch.setattr("codec.pipeline.MAX_RUN_FRAMES", 4)
+    model = load_weights(tiny_weights)
+    settings = replace(AV1, reference_interval=3)
+    encoded = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings)
+    chunks = pack_token_runs(model, [e.chunk for e in encoded])
+    assert ChunkType.TOKEN_RUN in [c.type for c in chunks]
+    decoded = decode_all(tiny_weights, model, settings, chunks)
+    assert all(torch.equal(e.x_hat, x) for e, x in zip(encoded, decoded, strict=True))
+
+
 def test_per_frame_chunks_decode_one_by_one(tiny_weights, synthetic_video):
     """The streaming form: each frame its own chunk, decoded as it arrives."""
     model = load_weights(tiny_weights)
@@ -248,7 +344,7 @@ def test_a_damaged_packet_is_one_error_naming_its_chunk(tiny_weights, synthetic_
     stream = tmp_path / "s.imfc"
     encode_file(synthetic_video, stream, model, AV1, progress=False)
     header, chunks = read_bitstream(stream, model)
-    p = Av1ReferencesPayload.from_bytes(chunks[0].payload)
+    p = Av1ReferencesPayload.from_bytes(chunks[0].payload, lazy=True)
     broken = ((0, b"\xff" * len(p.references[0][1])),) + p.references[1:]
     bad = Av1ReferencesPayload(p.frames, broken, p.modes, p.tokens)
     from codec.files import decoded_frames
@@ -256,6 +352,27 @@ def test_a_damaged_packet_is_one_error_naming_its_chunk(tiny_weights, synthetic_
     decoder = Decoder(model, (header.height, header.width), header.bank_size, header.version)
     with pytest.raises(BitstreamError, match="chunk 0 at byte 40: AV1 reference packet"):
         list(decoded_frames(decoder, Chunk(ChunkType.AV1_REFERENCES, bad.to_bytes()), "chunk 0 at byte 40"))
+
+
+def test_a_files_last_references_leave_room_for_a_costly_one():
+    """Near a file's end a reference is due only if the frames left could repay SURPRISE times its
+    expected cost; a stream without an end (a call) sends it as soon as the bucket holds that cost."""
+    fps, kbps = 25, 3.0
+    call, file = RateControl(kbps, fps), RateControl(kbps, fps, frames=100)
+    for rate in (call, file):
+        rate.pay(rate.reference_bits, reference=True)
+    due = {}
+    for frame in range(100):
+        for name, rate in (("call", call), ("file", file)):
+            rate.next_frame()
+            if rate.affords_reference():
+                due.setdefault(name, []).append(frame)
+                rate.pay(rate.reference_bits, reference=True)
+    last = due["file"][-1]
+    assert due["file"] == [f for f in due["call"] if f <= last]  # alike until the file's end draws near
+    frames_left = 100 - 1 - last
+    assert file.fill * frames_left >= (RateControl.SURPRISE - 1) * file.reference_bits  # room left to repay
+    assert due["call"][-1] > last  # the call kept sending where the file stopped
 
 
 def test_rate_target_is_kept_on_a_moving_clip(tiny_weights):

@@ -10,7 +10,7 @@ from collections import Counter
 
 from codec.files import read_bitstream
 from codec.nn.keyframe_codec import KEYFRAME_STEPS
-from entropy.bitstream import KEYFRAME_STEP_SINCE, Av1ReferencesPayload, ChunkType, KeyframePayload
+from entropy.bitstream import KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, Av1ReferencesPayload, ChunkType, KeyframePayload
 from entropy.coding import bits_to_kbps
 from tools.errors import run
 
@@ -41,19 +41,21 @@ def has_sequence_header(packet: bytes) -> bool:
     return False
 
 
-def av1_split(chunks: list) -> list[str]:
-    """The AV1_REFERENCES chunks' bytes: pictures, tokens, and the rest (framing, positions, modes)."""
-    payloads = [Av1ReferencesPayload.from_bytes(c.payload) for c in chunks]
+def av1_split(chunks: list, lazy: bool) -> list[str]:
+    """The AV1_REFERENCES chunks' bytes: pictures, tokens, and the rest (framing, positions, modes).
+    ``lazy``: format 6, where only the references that a token frame follows send their tokens."""
+    payloads = [Av1ReferencesPayload.from_bytes(c.payload, lazy) for c in chunks]
     packets = [p for payload in payloads for _, p in payload.references]
     total = sum(len(c.to_bytes()) for c in chunks)
     pictures = sum(map(len, packets))
     tokens = sum(len(p.tokens) for p in payloads)
     intra = sum(map(has_sequence_header, packets))
     token_frames = sum(sum(p.modes) for p in payloads)
+    sent = sum(p.token_count(lazy) for p in payloads) - token_frames
     repeats = sum(len(p.modes) - sum(p.modes) for p in payloads)
     return [f"AV1 references: {len(packets)} pictures ({intra} intra), {pictures} bytes"
             + (f" ({pictures / len(packets):.0f} per picture)" if packets else ""),
-            f"  tokens of {len(packets)} references and {token_frames} token frames: {tokens} bytes; "
+            f"  tokens of {sent} references and {token_frames} token frames: {tokens} bytes; "
             f"{repeats} repeats; framing, positions and frame modes: {total - pictures - tokens} bytes"]
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "")
                   + f", {frame_bytes} bytes" + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
         if av1:
-            print("\n".join(av1_split(av1)))
+            print("\n".join(av1_split(av1, h.version >= LAZY_REFERENCE_TOKENS_SINCE)))
         if repeat:
             print(f"repeats of a keyframe's picture: {sum(c.frames for c in repeat)} frames in {len(repeat)} "
                   f"run{'s' if len(repeat) > 1 else ''}, {sum(len(c.to_bytes()) for c in repeat)} bytes")
