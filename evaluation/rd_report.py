@@ -102,6 +102,26 @@ def write_points(points: list[RDPoint], csv_path: Path, json_path: Path, meta: d
     json_path.write_text(json.dumps(payload, indent=1, default=_json_default, allow_nan=True) + "\n")
 
 
+def read_anchor_points(json_path: Path, clips: dict[str, int]) -> list[RDPoint]:
+    """The anchors' points of an earlier run's points.json (every codec but imfc, at full precision),
+    for ``clips`` (name -> frames coded). Raises ValueError unless it holds every one of them at
+    that many frames: a BD-rate is only meaningful on the same frames."""
+    names = {f.name for f in fields(RDPoint)}
+    try:
+        rows = json.loads(Path(json_path).read_text())["points"]
+        points = [RDPoint(**{k: v for k, v in r.items() if k in names}) for r in rows if r["codec"] != IMFC]
+    except (OSError, TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{json_path}: not an imfc eval points.json ({e.__class__.__name__})") from None
+    held: dict[str, set[int]] = {}
+    for p in points:
+        held.setdefault(p.clip, set()).add(p.frames)
+    for clip, frames in clips.items():
+        if held.get(clip) != {frames}:
+            found = f"{', '.join(map(str, sorted(held[clip])))} frames" if clip in held else "no points"
+            raise ValueError(f"{json_path}: clip {clip} has {found} there, {frames} here")
+    return [p for p in points if p.clip in clips]
+
+
 def write_frame_scores(coded: list[CodedPoint], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -226,9 +246,11 @@ def _json_default(v):
     raise TypeError(f"cannot serialize {type(v)}")
 
 
-def write_report(folder: Path, coded: list[CodedPoint], meta: dict, with_vmaf: bool) -> None:
-    """Every output but the side-by-side pictures (written per clip as the run goes) into ``folder``."""
-    points = [c.point for c in coded]
+def write_report(folder: Path, coded: list[CodedPoint], meta: dict, with_vmaf: bool,
+                 earlier: list[RDPoint] = ()) -> None:
+    """Every output but the side-by-side pictures (written per clip as the run goes) into ``folder``;
+    ``earlier``: points measured by an earlier run on the same frames (`read_anchor_points`)."""
+    points = [c.point for c in coded] + list(earlier)
     bd = bd_entries(points)
     write_points(points, folder / "points.csv", folder / "points.json", meta, bd)
     write_frame_scores(coded, folder / "frames.csv")

@@ -123,6 +123,27 @@ def test_eval_points_are_consistent(eval_out, tiny_weights, synthetic_video, tmp
     assert mean == pytest.approx(x264[1]["psnr_rgb"], abs=1e-3)  # the same numbers, rounded for the CSV
 
 
+def test_eval_takes_anchors_from_an_earlier_run(eval_out, tiny_weights, synthetic_video, tmp_path, capsys):
+    """--anchors-from: the earlier run's x264 points join this imfc-only run's report, as measured
+    there; an earlier run of other frames is refused with one line, before anything is written."""
+    out = tmp_path / "imfc_only"
+    base = [str(synthetic_video), "--weights", str(tiny_weights), "--imfc-points", "0:2", "--x264-crf", "",
+            "--x265-crf", "", "--svtav1-crf", "", "--held", "", "--small", "0", "--no-vmaf", "-q"]
+    assert eval_tool.main(base + ["--out", str(out), "--frames", str(FRAMES),
+                                  "--anchors-from", str(eval_out / "points.json")]) == 0
+    data = json.loads((out / "points.json").read_text())
+    earlier = json.loads((eval_out / "points.json").read_text())
+    assert [p for p in data["points"] if p["codec"] == "x264"] == [p for p in earlier["points"] if p["codec"] == "x264"]
+    assert {e["anchor"] for e in data["bd_rate"]} == {"x264"} and data["anchors_from"] == str(eval_out / "points.json")
+    capsys.readouterr()
+    other = tmp_path / "other"
+    code = eval_tool.main(base + ["--out", str(other), "--frames", str(FRAMES - 1),
+                                  "--anchors-from", str(eval_out / "points.json")])
+    check_error(capsys, code, f"clip square has {FRAMES} frames there, {FRAMES - 1} here", other)
+    code = eval_tool.main(base + ["--out", str(other), "--anchors-from", str(eval_out / "summary.md")])
+    check_error(capsys, code, "not an imfc eval points.json", other)
+
+
 @pytest.mark.parametrize("bad", ["missing", "not_video"])
 def test_eval_bad_input(capsys, tiny_weights, synthetic_video, tmp_path, bad):
     clip = tmp_path / "nope.mp4"

@@ -24,7 +24,7 @@ from evaluation.anchors import SPECS, Anchor, Reduced
 from evaluation.metrics import MetricError, vmaf_available
 from codec.pipeline import MAX_BANK, EncoderSettings
 from evaluation.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
-from evaluation.rd_report import side_by_side, write_report
+from evaluation.rd_report import read_anchor_points, side_by_side, write_report
 from codec.video_io import VideoError, probe
 from codec.nn.weights import load_weights, model_id
 from tools.errors import run
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="references the decoder keeps, for the --kbps points (default: AV1's, 1)")
     parser.add_argument("--no-repeat", action="store_true",
                         help="imfc synthesizes every token frame, never repeating a keyframe's picture")
+    parser.add_argument("--anchors-from", type=Path, default=None, metavar="POINTS_JSON",
+                        help="the points.json of an earlier imfc eval of the same clips and frames: its anchors join "
+                             "this report (BD-rates, plots) as measured there (combine with empty anchor CRFs)")
     parser.add_argument("--no-vmaf", action="store_true", help="skip VMAF (scored NaN)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -138,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         for clip in args.clips:  # every input checked before any work or output
             probe(clip)
+        if args.anchors_from:
+            try:
+                read_anchor_points(args.anchors_from, {})
+            except ValueError as e:
+                raise VideoError(f"--anchors-from {e}") from None
         out = args.out
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise VideoError(f"{out}: exists and is not an empty folder")
@@ -185,7 +193,15 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.perf_counter() - start, 1),
                 "clips": [str(p) for p in args.clips],
             }
-            write_report(tmp, coded, meta, with_vmaf)
+            earlier = []
+            if args.anchors_from:
+                clips = {p.point.clip: p.point.frames for p in coded}
+                try:
+                    earlier = read_anchor_points(args.anchors_from, clips)
+                except ValueError as e:
+                    raise VideoError(f"--anchors-from {e}") from None
+                meta["anchors_from"] = str(args.anchors_from)
+            write_report(tmp, coded, meta, with_vmaf, earlier)
             if out.exists():
                 out.rmdir()  # empty, checked above
             tmp.replace(out)
