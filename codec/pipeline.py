@@ -151,16 +151,30 @@ class CodecState:
     since_keyframe: int = 0
     picture: Tensor | None = None  # the newest keyframe's decoded image, which a repeat shows
     # Format 6 sends an AV1 reference's token just before the first token frame after it, and never
-    # if a reference comes first: the encoder's reference joins its bank at once (it may synthesize
-    # the next frame), a decoder's only with its token, so an unsent one leaves the encoder's bank.
+    # if a reference comes first: a decoder's reference joins its bank only with its token, so one
+    # whose token was never sent leaves the encoder's bank too.
     unsent: UnsentToken | None = None  # the encoder's
     token_due: bool = False  # the decoder's: the next token frame's deltas start with its reference's
+    # The encoder's newest AV1 reference (picture, token) before E_F and IMF_D make its bank entry
+    # (a third of a synthesis): made at its first synthesis, which most references never see.
+    unbuilt: tuple[Tensor, Tensor] | None = None
 
 
 def drop_unsent_reference(state: CodecState) -> None:
     """A new reference comes while the newest one's token was never sent: no decoder holds that one."""
     if state.unsent is not None:
-        state.bank, state.u_prev_hat, state.unsent = state.bank[:-1], state.unsent.base, None
+        if state.unbuilt is not None:
+            state.unbuilt = None  # never synthesized from, so never in the bank
+        else:
+            state.bank = state.bank[:-1]
+        state.u_prev_hat, state.unsent = state.unsent.base, None
+
+
+def build_newest_reference(model: IMFCodec, state: CodecState, bank_size: int) -> None:
+    """The encoder's unbuilt newest reference joins the bank (before a synthesis needs it)."""
+    if state.unbuilt is not None:
+        state.bank = (state.bank + [model.reference(*state.unbuilt)])[-bank_size:]
+        state.unbuilt = None
 
 
 @dataclass
@@ -364,7 +378,7 @@ class Encoder:
         if rate:
             rate.next_frame()
         self.since_intra += 1
-        intra = not st.bank or self.intra_requested or (s.intra_interval and self.since_intra >= s.intra_interval)
+        intra = st.picture is None or self.intra_requested or (s.intra_interval and self.since_intra >= s.intra_interval)
         if rate:
             due = st.since_keyframe >= 1 and rate.affords_reference()
         else:
@@ -379,6 +393,7 @@ class Encoder:
         repeat_cost = hold_mse + s.lmbda
         st.since_keyframe += 1
         if (not rate or rate.affords(token_bits)) and self.gate.worth_synthesizing(hold_mse):
+            build_newest_reference(self.model, st, s.bank_size)
             x_hat = render(self.model, u_hat, st.bank)
             synthesis_mse = mse(x_hat, x)
             won = synthesis_mse + s.lmbda * token_bits < repeat_cost
@@ -401,11 +416,14 @@ class Encoder:
         else:
             packet, picture = self.av1.code(to_uint8(x), intra)
         x_hat = to_tensor(picture)
+        bank_size = self.settings.bank_size
         drop_unsent_reference(st)
+        if bank_size > 1:  # an unbuilt reference whose token was sent (format 5) stays in a decoder's bank
+            build_newest_reference(self.model, st, bank_size)
         u = self.model.token_symbols(x_hat)  # the token of the picture both sides hold, as in training
         base = st.u_prev_hat
         data, u_hat = self.model.compress_token(u, _chain_start(st, u))
-        add_reference(self.model, st, x_hat, u_hat, self.settings.bank_size)
+        st.unbuilt, st.u_prev_hat, st.since_keyframe, st.picture = (x_hat, u_hat), u_hat, 0, x_hat
         token_bits = packed_token_bits(data)
         if self.lazy_reference_tokens:
             st.unsent = UnsentToken(self.model.decompress_deltas(data, 1), base)

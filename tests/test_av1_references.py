@@ -288,6 +288,26 @@ def test_a_reference_sends_its_token_only_where_a_token_frame_follows(tiny_weigh
     assert len(chunks[0].payload) < len(eager_chunks[0].payload)
 
 
+def test_the_encoder_makes_a_bank_entry_only_for_a_reference_it_synthesizes_from(tiny_weights, synthetic_video):
+    """E_F and IMF_D run on a reference at its first synthesis: references followed by holds that
+    the gate decides without synthesizing (PATTERN's 0 and 6) cost neither encoder nor decoder."""
+    model = load_weights(tiny_weights)
+    settings = replace(AV1, reference_interval=3)
+    made = []
+    reference = model.reference
+    model.reference = lambda *a: made.append(1) or reference(*a)
+    encoder = Encoder(model, settings)
+    encoded = []
+    for kind, x in zip(PATTERN, model_frames(synthetic_video, model.cfg.resolution)):
+        encoder.gate.worth_synthesizing = lambda hold_mse: kind != "H"
+        encoder.settings = replace(settings, repeat_keyframe=kind == "H")
+        encoded.append(encoder.encode(x))
+    encoder.close()
+    assert "".join(e.chunk.type.name[0] for e in encoded) == "ARRAFRARRAFF" and len(made) == 2
+    decoded = decode_all(tiny_weights, model, settings, pack_token_runs(model, [e.chunk for e in encoded]))
+    assert all(torch.equal(e.x_hat, x) for e, x in zip(encoded, decoded, strict=True))
+
+
 def test_format_5_streams_with_every_references_token_still_decode(tiny_weights, synthetic_video):
     model = load_weights(tiny_weights)
     settings = replace(AV1, reference_interval=3, bank_size=2)
