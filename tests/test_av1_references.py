@@ -201,16 +201,27 @@ def test_files_decode_exactly_what_the_encoder_showed(tiny_weights, synthetic_vi
 
 def test_frames_between_references_never_show_a_worse_synthesis(tiny_weights, synthetic_video):
     """With no bits weighed (lambda 0), a frame is a token frame only where its synthesis is closer
-    to the frame than the held picture, and a repeat otherwise."""
+    to the frame than the held picture by the synthesis margin, and a repeat otherwise: a wider
+    margin, fewer token frames."""
     model = load_weights(tiny_weights)
     frames = model_frames(synthetic_video, model.cfg.resolution)
-    encoder = Encoder(model, EncoderSettings(keyframe_codec="av1", reference_interval=6, av1_crf=50, lmbda=0.0))
-    for x in frames:
-        picture = encoder.state.picture
-        out = encoder.encode(x)
-        if out.chunk.type != ChunkType.AV1_REFERENCES:
-            assert (out.x_hat - x).square().mean() <= (picture - x).square().mean()
-    encoder.close()
+    token_frames = []
+    for margin in (1.0, 1.25, 4.0):
+        settings = EncoderSettings(keyframe_codec="av1", reference_interval=6, av1_crf=50, lmbda=0.0,
+                                   synthesis_margin=margin)
+        encoder = Encoder(model, settings)
+        shown = 0
+        for x in frames:
+            picture = encoder.state.picture
+            out = encoder.encode(x)
+            if out.chunk.type == ChunkType.FRAME:
+                assert margin * (out.x_hat - x).square().mean() < (picture - x).square().mean()
+                shown += 1
+        encoder.close()
+        token_frames.append(shown)
+    assert token_frames[0] > 0 and token_frames == sorted(token_frames, reverse=True)
+    with pytest.raises(ValueError, match="synthesis margin"):
+        EncoderSettings(synthesis_margin=0.0)
 
 
 def test_a_frame_its_held_picture_matches_is_held_without_a_synthesis(tiny_weights, synthetic_video, monkeypatch):
