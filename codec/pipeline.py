@@ -378,7 +378,6 @@ class Encoder:
                     return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, repeat)
                 st.u_prev_hat = u_hat
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)
-        drop_unsent_reference(st)
         payload, u_hat, x_hat = encode_keyframe(self.model, x, step_index(s.keyframe_step))
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
         return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
@@ -484,18 +483,15 @@ def pack_token_runs(model: IMFCodec, chunks: list[Chunk], lazy_reference_tokens:
     into one AV1_REFERENCES chunk, their deltas into its one token stream. Runs longer than
     MAX_RUN_FRAMES continue in a new chunk. ``lazy_reference_tokens``: the Encoder's own."""
     out: list[Chunk] = []
-    run: list[Tensor] = []  # deltas of the open TOKEN_RUN
-    run_frames = 0
+    run: list[Tensor] = []  # the open TOKEN_RUN's deltas, one (1 or 2, d) entry per frame
     group: dict = {}  # the open AV1_REFERENCES chunk: frames, references, modes, deltas
     due = False  # a reference's token waits in the next token frame's payload
 
     def flush() -> None:
-        nonlocal run_frames
         if run:
-            payload = TokenRunPayload(run_frames, model.compress_deltas(torch.cat(run)))
+            payload = TokenRunPayload(len(run), model.compress_deltas(torch.cat(run)))
             out.append(Chunk(ChunkType.TOKEN_RUN, payload.to_bytes()))
             run.clear()
-            run_frames = 0
         if group:
             deltas = model.compress_deltas(torch.cat(group["deltas"])) if group["deltas"] else b""
             payload = Av1ReferencesPayload(group["frames"], tuple(group["references"]), tuple(group["modes"]), deltas)
@@ -529,8 +525,7 @@ def pack_token_runs(model: IMFCodec, chunks: list[Chunk], lazy_reference_tokens:
             if group:
                 flush()
             run.append(deltas)  # the exact quantized deltas
-            run_frames += 1
-            if run_frames == MAX_RUN_FRAMES:
+            if len(run) == MAX_RUN_FRAMES:
                 flush()
             continue
         flush()

@@ -63,15 +63,11 @@ def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmb
         s = msssim(x_hat, x)
         return (1 - msssim_weight) * (x_hat - x).abs().flatten(1).mean(1) + msssim_weight * (1 - s), s
 
-    def distortion(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        d, s = per_sample(x_hat, x)
-        return d.mean(), s
-
-    d_cur, s_cur = distortion(out.x_hat, x_cur)
+    d_syn, s_cur = per_sample(out.x_hat, x_cur)
+    d_cur = d_syn.mean()
     bpp_token = bits(out.token_likelihoods).mean() / pixels
     if out.keyframe_likelihoods is None:  # references decoded by another codec (AV1): nothing to code here
         if hold_softmin > 0:
-            d_syn, s_cur = per_sample(out.x_hat, x_cur)
             with torch.no_grad():
                 d_hold, _ = per_sample(x_ref, x_cur)
             t = hold_softmin
@@ -85,7 +81,7 @@ def rd_loss(out: RDOutput, x_cur: Tensor, x_ref: Tensor, lmbda_token: float, lmb
             bpp_token=bpp_token.item(),
             bpp_key=0.0,
         )
-    d_key, _ = distortion(out.x_ref_hat, x_ref)
+    d_key = per_sample(out.x_ref_hat, x_ref)[0].mean()
     key_bits = bits(out.keyframe_likelihoods) + bits(out.ref_token_likelihoods)
     bpp_key = key_bits.mean() / pixels
     key_rate = bpp_key if key_step is None else (key_bits * key_step).mean() / pixels
