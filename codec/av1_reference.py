@@ -55,17 +55,40 @@ class Quantizer:
         return {"crf": str(self.crf), "preset": "8", "svtav1-params": params}
 
 
-# Cheaper intra frames than CRF 63's, for a rate control that takes the first that fits.
-CHEAP_INTRA = tuple(Quantizer(63, o) for o in (0, 20, 40, 63))
+# The intra frame's qindex offsets tried at CRF 63, finest first (intra 665, 527, 392, 291 and 175
+# bytes on 6 validation clips at 256x256, 32.5 to 25.0 dB).
+INTRA_OFFSETS = (-64, -48, -32, -16, 0)
 
 
 def crf_for_kbps(kbps: float) -> int:
-    """The references' CRF for a rate target (SVT's CRF mode). A talking head is better served by
-    coarse references often than by fine ones seldom: on the 12 validation clips the held anchor at
-    CRF 63 beats CRF 55 at every rate up to references every other frame (1 in 4 at CRF 63: 6.5
-    kbps, MS-SSIM 0.876; 1 in 12 at CRF 55: 7.8 kbps, 0.811), about 9 kbps, where references can
-    come no closer (BENCHMARKS, "AV1 references"). So CRF 63 below 10 kbps, then finer."""
+    """The references' CRF for a rate target. A talking head is better served by coarse references
+    often than by fine ones seldom: on the 12 validation clips the held anchor at CRF 63 beats CRF
+    55 at every rate up to references every other frame (1 in 4 at CRF 63: 6.5 kbps, MS-SSIM 0.876;
+    1 in 12 at CRF 55: 7.8 kbps, 0.811), about 9 kbps, where references can come no closer
+    (BENCHMARKS, "AV1 references"). So CRF 63 below 10 kbps, then finer."""
     return 63 if kbps < 10 else 55 if kbps < 20 else 50
+
+
+# Below this rate target, references with fixed qindex offsets (quantizers_for_kbps).
+FIXED_OFFSETS_BELOW_KBPS = 5.0
+
+
+def quantizers_for_kbps(kbps: float) -> tuple[Quantizer, ...]:
+    """The quantizers a rate-controlled reference stream may start with, the dearest intra frame
+    first: the encoder takes the first whose intra frame fits its budget (the last if none does).
+
+    Below 5 kbps, fixed qindex offsets at CRF 63, not SVT's CRF mode. CRF mode spends its bits on a
+    fine intra frame and on inter frames that keep close to it (6 validation clips, a reference
+    every 6th frame: intra 765 bytes at 33.2 dB, inter 100 bytes at 28.6 dB); the fixed offsets code
+    every inter frame at qindex 255 (52 bytes at 26.5 dB after a 665-byte intra frame at offset -64;
+    51 bytes at 25.8 dB after 392 bytes at -32). Half-price references that come twice as often
+    win at low rates: held every K-th frame on the 12 training clips (K = 2, 3, 4, 6, 12 against 2,
+    4, 6, 12), BD-rate against CRF mode -13% (offset -64) and -28% (-32) in MS-SSIM, -8% and +1% in
+    VMAF, but the fixed offsets' curve ends near 5 kbps (references every other frame), where CRF
+    mode's begins; imfc at --kbps 6 and 8 reached only 4.8 and 5.3 kbps with them (BENCHMARKS,
+    "Fixed qindex offsets"). So from 5 kbps, SVT's CRF mode first, as before."""
+    fixed = tuple(Quantizer(MAX_CRF, o) for o in INTRA_OFFSETS)
+    return fixed if kbps < FIXED_OFFSETS_BELOW_KBPS else (Quantizer(crf_for_kbps(kbps)), *fixed)
 
 
 def _upsample2(c: np.ndarray) -> np.ndarray:

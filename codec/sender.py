@@ -279,7 +279,7 @@ class Sender:
         s, st = self.settings, self.state
         if self.av1 is None or (intra and self.rate):
             # a refresh starts a new stream, whose intra frame fits REFRESH_SECONDS of the rate: it
-            # answers a loss, and the first intra frame's 3 s would take the whole rate again
+            # answers a loss, and the first intra frame's INTRA_SECONDS would take the whole rate again
             refresh = self.av1 is not None
             if refresh:
                 self.av1.close()
@@ -287,7 +287,7 @@ class Sender:
             if self.rate:
                 budget = 1000 * s.kbps * REFRESH_SECONDS if refresh else self.rate.intra_budget
             self.av1, av1_packet, picture = start_reference_stream(
-                self.model.cfg.resolution, self.av1_fps, to_uint8(x), s.av1_crf, s.kbps, budget, refresh)
+                self.model.cfg.resolution, self.av1_fps, to_uint8(x), s.av1_crf, s.kbps, budget)
         else:
             av1_packet, picture = self.av1.code(to_uint8(x), intra)
         x_hat = to_tensor(picture)

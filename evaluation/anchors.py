@@ -67,7 +67,7 @@ class AnchorResult:
     decode_cpu_seconds: float
 
 
-def _options(anchor: Anchor, crf: int, frames: int) -> dict[str, str]:
+def _options(anchor: Anchor, crf: int, frames: int, intra_offset: int | None = None) -> dict[str, str]:
     keyint = str(frames + 1)  # one keyframe at the start, never another
     if anchor is Anchor.X264:
         return {"crf": str(crf), "preset": "medium", "tune": "zerolatency", "bf": "0", "g": keyint,
@@ -75,12 +75,19 @@ def _options(anchor: Anchor, crf: int, frames: int) -> dict[str, str]:
     if anchor is Anchor.X265:
         return {"crf": str(crf), "preset": "medium", "tune": "zerolatency",
                 "x265-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=0:log-level=error"}
-    return {"crf": str(crf), "preset": "8", "svtav1-params": f"pred-struct=1:keyint={keyint}:scd=0"}
+    params = f"pred-struct=1:keyint={keyint}:scd=0"
+    if intra_offset is not None:  # SVT's fixed qindex offsets: every inter frame at the CRF's qindex
+        params += f":use-fixed-qindex-offsets=1:key-frame-qindex-offset={intra_offset}"
+    return {"crf": str(crf), "preset": "8", "svtav1-params": params}
 
 
-def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int, threads: int = 1) -> AnchorResult:
+def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int, threads: int = 1,
+               intra_offset: int | None = None) -> AnchorResult:
     """(H, W, 3) uint8 RGB frames (even H and W) -> stream bytes and decoded RGB frames.
-    ``threads`` is the encoder's and the decoder's thread count (0: the library's choice)."""
+    ``threads`` is the encoder's and the decoder's thread count (0: the library's choice).
+    ``intra_offset`` (SVT-AV1 only): fixed qindex offsets, the intra frame this far from the rest."""
+    if intra_offset is not None and anchor is not Anchor.SVTAV1:
+        raise ValueError(f"{anchor.value}: intra qindex offsets are SVT-AV1's")
     spec = SPECS[anchor]
     lo, hi = spec.crf_range
     if not lo <= crf <= hi:
@@ -93,7 +100,7 @@ def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int
     encoder.time_base = 1 / fps
     encoder.framerate = fps
     encoder.thread_count = threads
-    encoder.options = _options(anchor, crf, len(frames))
+    encoder.options = _options(anchor, crf, len(frames), intra_offset)
     packets, encode_seconds = [], []
     cpu = time.process_time()
     for i, f in enumerate(frames):
@@ -128,10 +135,13 @@ def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int
 class Reduced:
     """An anchor at a reduced frame rate (every ``every``-th frame coded, each decoded frame held
     until the next) and/or resolution (coded at ``size`` x ``size``, resized back with the same
-    antialiased bicubic filter imfc's input goes through)."""
+    antialiased bicubic filter imfc's input goes through); ``intra_offset``: SVT-AV1's fixed qindex
+    offsets instead of its CRF mode, every inter frame at the CRF's qindex and the intra frame this
+    far from it (imfc's own references below 10 kbps, `quantizers_for_kbps`)."""
 
     every: int = 1
     size: int | None = None
+    intra_offset: int | None = None
 
     def __post_init__(self) -> None:
         if self.every < 1 or (self.size is not None and (self.size < 16 or self.size % 2)):
@@ -139,7 +149,8 @@ class Reduced:
 
     def codec(self, anchor: Anchor) -> str:
         """The label reports give this anchor's curve, e.g. "svtav1 held" or "svtav1 at 128"."""
-        return anchor.value + (f" at {self.size}" if self.size else "") + (" held" if self.every > 1 else "")
+        fixed = f", intra offset {self.intra_offset}" if self.intra_offset is not None else ""
+        return anchor.value + (f" at {self.size}" if self.size else "") + (" held" if self.every > 1 else "") + fixed
 
     def setting(self, crf: int) -> str:
         return (f"1 in {self.every}, " if self.every > 1 else "") + f"crf {crf}"
@@ -153,7 +164,7 @@ def reduced_round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, 
     coded = frames[::reduced.every]
     if reduced.size:
         coded = [crop_resize(f, Box(0, 0, size), reduced.size) for f in coded]
-    result = round_trip(anchor, coded, fps / reduced.every, crf, threads)
+    result = round_trip(anchor, coded, fps / reduced.every, crf, threads, reduced.intra_offset)
     decoded = result.frames
     if reduced.size:
         decoded = [crop_resize(f, Box(0, 0, reduced.size), size) for f in decoded]

@@ -49,9 +49,11 @@ class EvalSettings:
         (Anchor.SVTAV1, (63, 55, 47)),
     )
     # what a call application does when bits run out (issue 15's bar): SVT-AV1 on every K-th frame,
-    # held, and SVT-AV1 at 128x128, upscaled
+    # held, the same with the fixed qindex offsets imfc's references use below 10 kbps, and
+    # SVT-AV1 at 128x128, upscaled
     reduced: tuple[tuple[Anchor, Reduced, tuple[int, ...]], ...] = (
         *((Anchor.SVTAV1, Reduced(every=k), (63, 55)) for k in (2, 4, 6, 12)),
+        *((Anchor.SVTAV1, Reduced(every=k, intra_offset=-32), (63,)) for k in (2, 4, 6, 12)),
         (Anchor.SVTAV1, Reduced(size=128), (63, 55)),
     )
     vmaf: bool = True

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from codec.av1_reference import CHEAP_INTRA, TEMPORAL_DELIMITER, Quantizer, ReferenceDecoder, ReferenceEncoder, yuv420_to_rgb
+from codec.av1_reference import TEMPORAL_DELIMITER, Quantizer, ReferenceDecoder, ReferenceEncoder, quantizers_for_kbps, yuv420_to_rgb
 from codec.files import encode_file, read_bitstream
 from codec.nn.weights import load_weights
 from codec.pipeline import Decoder, Encoder, EncoderSettings, RateControl, SynthesisGate, pack_token_runs
@@ -100,14 +100,22 @@ def test_an_intra_refresh_decodes_on_a_fresh_decoder():
     assert np.array_equal(late.decode(packets[3][0]), packets[3][1])
 
 
-def test_quantizer_ladder_runs_from_dear_to_cheap_intra_frames():
-    frame = moving_square_clip(1, 64)[0]
-    sizes = []
-    for q in (Quantizer(50), Quantizer(63), CHEAP_INTRA[-1]):
-        encoder = ReferenceEncoder(64, Fraction(25), q)
-        sizes.append(len(encoder.code(frame, intra=True)[0]))
+def intra_bytes(quantizer: Quantizer, frame: np.ndarray) -> int:
+    encoder = ReferenceEncoder(64, Fraction(25), quantizer)
+    try:
+        return len(encoder.code(frame, intra=True)[0])
+    finally:
         encoder.close()
-    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_quantizer_ladder_runs_from_dear_to_cheap_intra_frames():
+    """Below 5 kbps only fixed qindex offsets at CRF 63, from 5 kbps CRF mode first."""
+    frame = moving_square_clip(1, 64)[0]
+    low, high = quantizers_for_kbps(3), quantizers_for_kbps(12)
+    assert all(q.crf == 63 and q.intra_offset is not None for q in low)
+    assert high[0] == Quantizer(55) and high[1:] == low and quantizers_for_kbps(6)[0] == Quantizer(63)
+    sizes = [intra_bytes(q, frame) for q in high]
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
 
 
 @pytest.mark.parametrize("packet, message", [

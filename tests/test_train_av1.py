@@ -88,6 +88,11 @@ def test_precompute_codes_every_kth_frame_as_one_stream(tmp_path):
     assert (out / "square_crf40.npy").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="every 4"):
         av1_refs_main([str(cache), str(out), "--every", "6", "--crf", "40"])
+    with pytest.raises(ValueError, match="intra offset None"):  # fixed qindex offsets want their own folder
+        av1_refs_main([str(cache), str(out), "--every", "4", "--crf", "63", "--intra-offset", "-32"])
+    fixed = tmp_path / "fixed"
+    assert av1_refs_main([str(cache), str(fixed), "--every", "4", "--crf", "63", "--intra-offset", "-32"]) == 0
+    assert json.loads((fixed / "square_crf63.json").read_text())["intra_offset"] == -32
 
 
 def test_sampler_draws_current_frames_after_the_newest_reference(cache_dir, refs_dir):

@@ -91,13 +91,18 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"{anchor.value} CRFs (default {','.join(map(str, crfs[anchor]))}; empty to skip)")
     held = sorted({r.every for _, r, _ in d.reduced if r.every > 1})
     small = next((r.size for _, r, _ in d.reduced if r.size), 0)
-    held_crf = next(c for _, r, c in d.reduced if r.every > 1)
+    held_crf = next(c for _, r, c in d.reduced if r.every > 1 and r.intra_offset is None)
+    held_offsets = sorted({r.intra_offset for _, r, _ in d.reduced if r.intra_offset is not None})
     small_crf = next(c for _, r, c in d.reduced if r.size)
     parser.add_argument("--held", type=int_list, default=tuple(held),
                         help="SVT-AV1 on every K-th frame only, each decoded frame held until the next, for these K "
                              f"(default {','.join(map(str, held))}; empty to skip)")
     parser.add_argument("--held-crf", type=int_list, default=held_crf,
                         help=f"CRFs of the held anchors (default {','.join(map(str, held_crf))})")
+    parser.add_argument("--held-offsets", type=int_list, default=tuple(held_offsets),
+                        help="also the held anchors at CRF 63 with SVT-AV1's fixed qindex offsets (imfc's own "
+                             "references below 10 kbps), the intra frame at each of these offsets "
+                             f"(default {','.join(map(str, held_offsets))}; empty to skip)")
     parser.add_argument("--small", type=int, default=small,
                         help=f"SVT-AV1 at this size, upscaled back (default {small}; 0 to skip)")
     parser.add_argument("--small-crf", type=int_list, default=small_crf,
@@ -127,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--held-crf and --small-crf values must be in {lo}..{hi}")
     if any(k < 2 for k in args.held) or args.small < 0 or args.small % 2:
         parser.error("--held values must be >= 2 and --small an even size (0 to skip)")
+    if any(not -64 <= o <= 63 for o in args.held_offsets):
+        parser.error("--held-offsets values must be in -64..63")
     torch.set_num_threads(max(1, args.threads))
     anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
     reduced = [(Anchor.SVTAV1, Reduced(every=k), args.held_crf) for k in args.held if args.held_crf]
+    reduced += [(Anchor.SVTAV1, Reduced(every=k, intra_offset=o), (63,)) for o in args.held_offsets for k in args.held]
     reduced += [(Anchor.SVTAV1, Reduced(size=args.small), args.small_crf)] if args.small and args.small_crf else []
     if any(r <= 0 for r in args.kbps):
         parser.error("--kbps values must be positive")
@@ -187,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 "anchor_settings": {**{a.value: SPECS[a].settings for a, _ in anchors},
                                     **{r.codec(a): f"{r.codec(a)}: {SPECS[a].settings}, " + (
                                         f"1 in K frames coded (K = {', '.join(map(str, args.held))}; the stream at "
-                                        "fps / K), each decoded frame held until the next" if r.every > 1 else
+                                        "fps / K), each decoded frame held until the next" + (
+                                            f"; fixed qindex offsets, the intra frame at {r.intra_offset}"
+                                            if r.intra_offset is not None else "") if r.every > 1 else
                                         f"coded at {r.size}x{r.size} (antialiased bicubic down and up)")
                                        for a, r, _ in reduced}},
                 "seconds": round(time.perf_counter() - start, 1),
