@@ -395,22 +395,24 @@ def test_a_damaged_packet_is_one_error_naming_its_chunk(tiny_weights, synthetic_
 
 def test_a_files_last_references_leave_room_for_a_costly_one():
     """Near a file's end a reference is due only if the frames left could repay SURPRISE times its
-    expected cost; a stream without an end (a call) sends it as soon as the bucket holds that cost."""
+    expected cost; a stream without an end keeps its pace to the end."""
     fps, kbps = 25, 3.0
     call, file = RateControl(kbps, fps), RateControl(kbps, fps, frames=100)
     for rate in (call, file):
         rate.pay(rate.reference_bits, reference=True)
-    due = {}
+    due, level = {}, {}
     for frame in range(100):
         for name, rate in (("call", call), ("file", file)):
             rate.next_frame()
             if rate.affords_reference():
                 due.setdefault(name, []).append(frame)
                 rate.pay(rate.reference_bits, reference=True)
+                level[name] = rate.level
     last = due["file"][-1]
     assert due["file"] == [f for f in due["call"] if f <= last]  # alike until the file's end draws near
     frames_left = 100 - 1 - last
-    assert file.fill * frames_left >= (RateControl.SURPRISE - 1) * file.reference_bits  # room left to repay
+    room = level["file"] + file.fill * frames_left  # what the rest of the file could still repay
+    assert room >= (RateControl.SURPRISE - 1) * file.reference_bits
     assert due["call"][-1] > last  # the call kept sending where the file stopped
 
 
@@ -448,3 +450,43 @@ def test_cross_process_decode_is_bit_exact(tiny_weights, synthetic_video, tmp_pa
     decoded = [np.array(Image.open(p)) for p in sorted(out.glob("*.png"))]
     assert len(decoded) == len(recon)
     assert all(np.array_equal(a, b) for a, b in zip(decoded, recon))
+
+
+def test_references_come_at_an_even_pace():
+    """References of a steady cost come every cost / fill frames, whatever the bucket held."""
+    fps, kbps = 25, 3.0  # 120 bits a frame
+    rate = RateControl(kbps, fps)
+    rate.level = rate.capacity  # a full bucket spreads over the next window, it is not spent at once
+    due = []
+    for frame in range(200):
+        rate.next_frame()
+        if rate.affords_reference():
+            due.append(frame)
+            rate.pay(480, reference=True)
+    gaps = np.diff(due)
+    assert gaps[0] < 4 and set(gaps[-20:]) == {4}  # the full bucket first, then its running cost / fill
+
+
+def test_a_files_overhead_is_paid_with_its_first_intra_frame():
+    rate = RateControl(3.0, 25, frames=100)
+    assert rate.level == 0 and rate.horizon_frames == 95
+    rate.pay(4000, reference=True, intra=True)
+    assert rate.debts == [[(4000 + RateControl.STREAM_OVERHEAD_BITS) / 95, 95]] and rate.overhead == 0
+    rate.pay(4000, reference=True, intra=True)  # a later intra frame pays only itself
+    assert rate.debts[-1] == [4000 / 95, 95]
+
+
+def test_no_reference_where_holding_is_as_good(tiny_weights):
+    """A still picture: the first reference is as close as any later one would be, so under a rate
+    target no other follows, unless the reference gain is 0 (whenever the rate affords one)."""
+    model = load_weights(tiny_weights)
+    still = np.repeat(moving_square_clip(1, 64, seed=5), 40, axis=0)
+    counts = {}
+    for gain in (EncoderSettings.reference_gain, 0.0):
+        encoder = Encoder(model, EncoderSettings(keyframe_codec="av1", kbps=8.0, reference_gain=gain), 25, len(still))
+        chunks = [encoder.encode(to_tensor(f)).chunk for f in still]
+        encoder.close()
+        counts[gain] = sum(c.type == ChunkType.AV1_REFERENCES for c in chunks)
+    assert counts[EncoderSettings.reference_gain] == 1 and counts[0.0] > 1
+    with pytest.raises(ValueError, match="reference gain"):
+        EncoderSettings(keyframe_codec="av1", reference_gain=-1)
