@@ -398,15 +398,16 @@ def test_a_files_last_references_leave_room_for_a_costly_one():
     expected cost; a stream without an end keeps its pace to the end."""
     fps, kbps = 25, 3.0
     call, file = RateControl(kbps, fps), RateControl(kbps, fps, frames=100)
+    cost = 1200  # bits: a reference every 10 frames, whose reserve is 20 frames at the end
     for rate in (call, file):
-        rate.pay(rate.reference_bits, reference=True)
+        rate.pay(cost, reference=True)
     due, level = {}, {}
     for frame in range(100):
         for name, rate in (("call", call), ("file", file)):
             rate.next_frame()
             if rate.affords_reference():
                 due.setdefault(name, []).append(frame)
-                rate.pay(rate.reference_bits, reference=True)
+                rate.pay(cost, reference=True)
                 level[name] = rate.level
     last = due["file"][-1]
     assert due["file"] == [f for f in due["call"] if f <= last]  # alike until the file's end draws near
