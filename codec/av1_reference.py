@@ -23,6 +23,7 @@ import numpy as np
 from entropy.bitstream import BitstreamError
 
 MIN_CRF, MAX_CRF = 1, 63
+MIN_INTRA_OFFSET, MAX_INTRA_OFFSET = -64, 63  # SVT-AV1's key-frame-qindex-offset, as imfc allows it
 # Each packet SVT-AV1 gives starts with this OBU (type 2, empty), which marks where a temporal unit
 # begins in a raw stream. A reference packet is already one temporal unit and libdav1d decodes it
 # the same without one, so it is left out: 2 bytes of a 30-90 byte inter reference.
@@ -44,15 +45,22 @@ class Quantizer:
     def __post_init__(self) -> None:
         if not MIN_CRF <= self.crf <= MAX_CRF:
             raise ValueError(f"AV1 reference CRF must be {MIN_CRF} to {MAX_CRF}, not {self.crf}")
-        if self.intra_offset is not None and not -64 <= self.intra_offset <= 63:
-            raise ValueError(f"intra qindex offset must be -64 to 63, not {self.intra_offset}")
+        if self.intra_offset is not None and not MIN_INTRA_OFFSET <= self.intra_offset <= MAX_INTRA_OFFSET:
+            raise ValueError(f"intra qindex offset must be {MIN_INTRA_OFFSET} to {MAX_INTRA_OFFSET}, "
+                             f"not {self.intra_offset}")
 
     def options(self) -> dict[str, str]:
         # keyint beyond any stream and no scene-cut detection: intra frames only where the caller asks
-        params = "pred-struct=1:lookahead=0:keyint=-1:scd=0"
-        if self.intra_offset is not None:
-            params += f":use-fixed-qindex-offsets=1:key-frame-qindex-offset={self.intra_offset}"
+        params = "pred-struct=1:lookahead=0:keyint=-1:scd=0" + fixed_offset_params(self.intra_offset)
         return {"crf": str(self.crf), "preset": "8", "svtav1-params": params}
+
+
+def fixed_offset_params(intra_offset: int | None) -> str:
+    """The svtav1-params suffix for SVT's fixed qindex offsets (every inter frame at the CRF's own
+    qindex, the intra frame ``intra_offset`` from it); "" for its CRF mode (None)."""
+    if intra_offset is None:
+        return ""
+    return f":use-fixed-qindex-offsets=1:key-frame-qindex-offset={intra_offset}"
 
 
 # The intra frame's qindex offsets tried at CRF 63, finest first (intra 665, 527, 392, 291 and 175

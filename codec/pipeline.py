@@ -285,12 +285,10 @@ class RateControl:
         self.horizon_frames = max(1, int(self.FILE_HORIZON * frames) if frames else round(horizon * fps))
         self.debts: list[list[float]] = []  # [bits per frame, frames left] of each intra frame
         self.frames_left = frames  # None: a stream without an end (a call)
-        self.since_reference = 0  # frames
 
     def next_frame(self) -> None:
         if self.frames_left is not None:
             self.frames_left -= 1  # those after this one
-        self.since_reference += 1
         self.level = min(self.capacity, self.level + self.fill - sum(d[0] for d in self.debts))
         for d in self.debts:
             d[1] -= 1
@@ -299,11 +297,12 @@ class RateControl:
     def affords(self, bits: float) -> bool:
         return self.level >= bits
 
-    def affords_reference(self) -> bool:
-        """An inter reference at the pace the rate allows (above), and near a file's end only if
-        the rest of the file could repay SURPRISE times its mean cost."""
+    def affords_reference(self, frames_since: int) -> bool:
+        """An inter reference ``frames_since`` frames after the last one (this frame counted), at
+        the pace the rate allows (above), and near a file's end only if the rest of the file could
+        repay SURPRISE times its mean cost."""
         spare = self.fill - sum(d[0] for d in self.debts) + self.level / self.window_frames
-        if spare <= 0 or self.since_reference < self.reference_bits / spare:
+        if spare <= 0 or frames_since < self.reference_bits / spare:
             return False
         if self.frames_left is None:
             return True
@@ -311,8 +310,6 @@ class RateControl:
         return self.level + self.fill * self.frames_left - owed >= self.SURPRISE * self.reference_bits
 
     def pay(self, bits: float, reference: bool = False, intra: bool = False) -> None:
-        if reference or intra:
-            self.since_reference = 0
         if intra:
             bits, self.overhead = bits + self.overhead, 0.0
             self.debts.append([bits / self.horizon_frames, self.horizon_frames])
@@ -430,15 +427,16 @@ class Encoder:
         intra = st.picture is None or self.intra_requested or (s.intra_interval and self.since_intra >= s.intra_interval)
         hold_mse = mse(st.picture, x) if st.picture is not None and s.repeat_keyframe else float("inf")
         if rate:
-            # the gain asked for falls to 1 as the bucket fills: a full bucket spills what it is not spending
-            gain = 1 + (s.reference_gain - 1) * max(0.0, 1 - rate.level / rate.capacity) if s.reference_gain > 1 else s.reference_gain
+            gain = s.reference_gain
+            if gain > 1:  # falls to 1 as the bucket fills: a full bucket spills what it does not spend
+                gain = 1 + (gain - 1) * (1 - rate.level / rate.capacity)
             worth = self.reference_mse is None or hold_mse > gain * self.reference_mse
-            due = st.since_keyframe >= 1 and worth and rate.affords_reference()
+            due = st.since_keyframe >= 1 and worth and rate.affords_reference(st.since_keyframe + 1)
         else:
             due = st.since_keyframe + 1 >= s.reference_interval
         if intra or due:
             out = self._av1_reference(x, bool(intra))
-            ref_mse = mse(out.x_hat, x)
+            ref_mse = 10 ** (-out.psnr / 10)  # its MSE, as psnr() found it
             self.reference_mse = ref_mse if self.reference_mse is None else 0.7 * self.reference_mse + 0.3 * ref_mse
             return out
         data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.u_prev_hat)

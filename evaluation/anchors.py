@@ -30,6 +30,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from codec.av1_reference import fixed_offset_params
 from codec.video_io import Box, crop_resize
 
 
@@ -75,9 +76,7 @@ def _options(anchor: Anchor, crf: int, frames: int, intra_offset: int | None = N
     if anchor is Anchor.X265:
         return {"crf": str(crf), "preset": "medium", "tune": "zerolatency",
                 "x265-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=0:log-level=error"}
-    params = f"pred-struct=1:keyint={keyint}:scd=0"
-    if intra_offset is not None:  # SVT's fixed qindex offsets: every inter frame at the CRF's qindex
-        params += f":use-fixed-qindex-offsets=1:key-frame-qindex-offset={intra_offset}"
+    params = f"pred-struct=1:keyint={keyint}:scd=0" + fixed_offset_params(intra_offset)
     return {"crf": str(crf), "preset": "8", "svtav1-params": params}
 
 
@@ -137,7 +136,7 @@ class Reduced:
     until the next) and/or resolution (coded at ``size`` x ``size``, resized back with the same
     antialiased bicubic filter imfc's input goes through); ``intra_offset``: SVT-AV1's fixed qindex
     offsets instead of its CRF mode, every inter frame at the CRF's qindex and the intra frame this
-    far from it (imfc's own references below 10 kbps, `quantizers_for_kbps`)."""
+    far from it (imfc's own references below 5 kbps, `quantizers_for_kbps`)."""
 
     every: int = 1
     size: int | None = None

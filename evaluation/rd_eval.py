@@ -49,7 +49,7 @@ class EvalSettings:
         (Anchor.SVTAV1, (63, 55, 47)),
     )
     # what a call application does when bits run out (issue 15's bar): SVT-AV1 on every K-th frame,
-    # held, the same with the fixed qindex offsets imfc's references use below 10 kbps, and
+    # held, the same with the fixed qindex offsets imfc's references use below 5 kbps, and
     # SVT-AV1 at 128x128, upscaled
     reduced: tuple[tuple[Anchor, Reduced, tuple[int, ...]], ...] = (
         *((Anchor.SVTAV1, Reduced(every=k), (63, 55)) for k in (2, 4, 6, 12)),

@@ -401,11 +401,12 @@ def test_a_files_last_references_leave_room_for_a_costly_one():
     cost = 1200  # bits: a reference every 10 frames, whose reserve is 20 frames at the end
     for rate in (call, file):
         rate.pay(cost, reference=True)
-    due, level = {}, {}
+    due, level, last = {}, {}, {"call": -1, "file": -1}
     for frame in range(100):
         for name, rate in (("call", call), ("file", file)):
             rate.next_frame()
-            if rate.affords_reference():
+            if rate.affords_reference(frame - last[name]):
+                last[name] = frame
                 due.setdefault(name, []).append(frame)
                 rate.pay(cost, reference=True)
                 level[name] = rate.level
@@ -458,13 +459,13 @@ def test_references_come_at_an_even_pace():
     fps, kbps = 25, 3.0  # 120 bits a frame
     rate = RateControl(kbps, fps)
     rate.level = rate.capacity  # a full bucket spreads over the next window, it is not spent at once
-    due = []
+    due = [-1]
     for frame in range(200):
         rate.next_frame()
-        if rate.affords_reference():
+        if rate.affords_reference(frame - due[-1]):
             due.append(frame)
             rate.pay(480, reference=True)
-    gaps = np.diff(due)
+    gaps = np.diff(due[1:])
     assert gaps[0] < 4 and set(gaps[-20:]) == {4}  # the full bucket first, then its running cost / fill
 
 

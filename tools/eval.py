@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from evaluation.anchors import SPECS, Anchor, Reduced
 from evaluation.metrics import MetricError, vmaf_available
+from codec.av1_reference import MAX_INTRA_OFFSET, MIN_INTRA_OFFSET
 from codec.pipeline import MAX_BANK, EncoderSettings
 from evaluation.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
 from evaluation.rd_report import read_anchor_points, side_by_side, write_report
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"CRFs of the held anchors (default {','.join(map(str, held_crf))})")
     parser.add_argument("--held-offsets", type=int_list, default=tuple(held_offsets),
                         help="also the held anchors at CRF 63 with SVT-AV1's fixed qindex offsets (imfc's own "
-                             "references below 10 kbps), the intra frame at each of these offsets "
+                             "references below 5 kbps), the intra frame at each of these offsets "
                              f"(default {','.join(map(str, held_offsets))}; empty to skip)")
     parser.add_argument("--small", type=int, default=small,
                         help=f"SVT-AV1 at this size, upscaled back (default {small}; 0 to skip)")
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--held-crf and --small-crf values must be in {lo}..{hi}")
     if any(k < 2 for k in args.held) or args.small < 0 or args.small % 2:
         parser.error("--held values must be >= 2 and --small an even size (0 to skip)")
-    if any(not -64 <= o <= 63 for o in args.held_offsets):
-        parser.error("--held-offsets values must be in -64..63")
+    if any(not MIN_INTRA_OFFSET <= o <= MAX_INTRA_OFFSET for o in args.held_offsets):
+        parser.error(f"--held-offsets values must be in {MIN_INTRA_OFFSET}..{MAX_INTRA_OFFSET}")
     torch.set_num_threads(max(1, args.threads))
     anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
     reduced = [(Anchor.SVTAV1, Reduced(every=k), args.held_crf) for k in args.held if args.held_crf]

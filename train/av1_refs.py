@@ -13,7 +13,7 @@ saved next to the clips' cache:
     python -m train.av1_refs ~/.cache/imfc/data/faces256 ~/.cache/imfc/data/av1refs --every 6 --crf 50 58 63
 
 ``--intra-offset O``: SVT's fixed qindex offsets instead of its CRF mode (the coding path's own
-references below 10 kbps, `codec.av1_reference.quantizers_for_kbps`); a folder holds one kind.
+references below 5 kbps, `codec.av1_reference.quantizers_for_kbps`); a folder holds one kind.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from codec.av1_reference import MAX_INTRA_OFFSET, MIN_INTRA_OFFSET
 from evaluation.anchors import Anchor, round_trip
 
 
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intra-offset", type=int, default=None,
                         help="SVT's fixed qindex offsets, the intra frame at this one (default: CRF mode)")
     args = parser.parse_args(argv)
-    if args.intra_offset is not None and not -64 <= args.intra_offset <= 63:
-        parser.error("--intra-offset must be in -64..63")
+    if args.intra_offset is not None and not MIN_INTRA_OFFSET <= args.intra_offset <= MAX_INTRA_OFFSET:
+        parser.error(f"--intra-offset must be in {MIN_INTRA_OFFSET}..{MAX_INTRA_OFFSET}")
     metas = precompute(args.cache_dir.expanduser(), args.out_dir.expanduser(), args.every, tuple(args.crf),
                        tuple(args.clips) if args.clips else None, intra_offset=args.intra_offset)
     for crf in args.crf:
