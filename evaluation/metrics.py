@@ -30,7 +30,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import piq
 import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
@@ -132,6 +131,9 @@ def ms_ssim_frames(x: np.ndarray, x_hat: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def structural(x: np.ndarray, x_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame (SSIM, MS-SSIM, GMSD) of (T, H, W, 3) uint8 frames."""
+    import piq  # here, not at the top: piq imports torchvision (~170 MB), and a call or `imfc bench` that
+    # imports this module for its other metrics should not carry it (issue 16's 1 GiB)
+
     scales = ms_ssim_scales(min(x.shape[1:3]))
     out = ([], [], [])
     for i in range(0, len(x), BATCH):

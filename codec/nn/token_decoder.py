@@ -17,7 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from codec.nn.layers.mlp import Mlp
 from torch import Tensor, nn
 
 from codec.nn.config import STRIDES, IMFConfig

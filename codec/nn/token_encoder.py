@@ -11,7 +11,7 @@ its expected (y, x) position, are projected into the token too (projection zero 
 
 from __future__ import annotations
 
-from timm.layers import Mlp
+from codec.nn.layers.mlp import Mlp
 from torch import Tensor, nn
 
 from codec.nn.config import STRIDES, IMFConfig

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp
+from codec.nn.layers.mlp import Mlp
 from torch import Tensor, nn
 
 from codec.nn.layers import window_tiles
