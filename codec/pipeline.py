@@ -61,8 +61,9 @@ def check_reference_settings(s) -> None:
         raise ValueError(f"keyframe codec must be one of {', '.join(KEYFRAME_CODECS)}, not {s.keyframe_codec!r}")
     if not MIN_CRF <= s.av1_crf <= MAX_CRF:
         raise ValueError(f"AV1 CRF must be {MIN_CRF} to {MAX_CRF}, not {s.av1_crf}")
-    if s.reference_interval < 1 or s.intra_interval < 0 or s.kbps < 0 or s.lmbda < 0:
-        raise ValueError("reference interval must be at least 1; intra interval, kbps and lambda not negative")
+    if s.reference_interval < 1 or s.intra_interval < 0 or s.kbps < 0 or s.lmbda < 0 or s.probe_interval < 0:
+        raise ValueError("reference interval must be at least 1; intra interval, kbps, lambda and probe interval "
+                         "not negative")
 
 
 # References the decoder keeps, by keyframe codec. AV1 references come every few frames, and the
@@ -115,6 +116,7 @@ class EncoderSettings:
     # whenever the rate affords one) 1.7 / 0.7689 / 11.4, 2.6 / 0.8142 / 21.1 and 3.6 / 0.8448 /
     # 24.9: as good or better for 10-15% fewer bits. A fixed factor (not falling) left more unspent.
     reference_gain: float = 2.5
+    probe_interval: int = 25  # frames between syntheses made only to find out (SynthesisGate); 0: no limit
 
     def __post_init__(self) -> None:
         check_reference_settings(self)
@@ -343,25 +345,60 @@ class SynthesisGate:
     - the last synthesis since the newest reference lost to holding, and its error is more than
       LOSS_MARGIN times this frame's held error: synthesis changes slowly from frame to frame, the
       held error grows (220 skipped at 1.25).
-    It saves the closed loop a synthesis there (on a mostly still call, most of its work); a model
-    that beats holding closer to its reference would want both re-measured (MODEL.md)."""
+    And a budget, for real time (issue 16): a synthesis is 40-55 ms on 2 cores, the first after a
+    reference 70-75 ms (it makes the reference's bank entry), against 5-12 ms for a held frame or a
+    reference. With the stage-8 weights on the same 12 clips at --kbps 3 and 8 (session 14), the
+    closed loop synthesized 658 of 2,186 frames and 43 became token frames: 27 of 28 syntheses
+    right after a synthesis that won did win, but only 16 of the 630 others, and 3 of the 327 made
+    on the first frame after a reference; of the 245 made after a loss, the 7 that won all came
+    where the lost synthesis's error was below RETRY times this frame's held error (25 such). So a
+    synthesis that follows a win is always allowed (a continuation), and one where the last loss
+    would now win (a retry); any other (a probe) needs the reference to be at least PROBE_SINCE
+    frames old and the last probe ``probe_interval`` frames back, so the encoder's per-frame time
+    stays a held frame's on at least 19 frames in 20 wherever the model keeps losing (0: no probe
+    budget, the rules above alone)."""
 
     HOLD_MSE = 1e-3  # 30 dB
     LOSS_MARGIN = 1.25
+    RETRY = 0.8  # 1 / the encoder's synthesis margin: the last synthesis, unchanged, would win now
+    PROBE_SINCE = 2
 
-    def __init__(self) -> None:
+    def __init__(self, probe_interval: int = 25) -> None:
+        self.probe_interval = probe_interval
         self.lost_mse: float | None = None  # the last synthesis that lost to holding, since the newest reference
+        self.won = False  # the last synthesis since the newest reference won: the next is a continuation
+        self.since = 0  # frames since the newest reference
+        self.since_probe = probe_interval  # frames since the last probe
+        self.probing = False  # the synthesis asked for is a probe
+
+    def next_frame(self) -> None:
+        self.since += 1
+        self.since_probe += 1
 
     def worth_synthesizing(self, hold_mse: float) -> bool:
         if hold_mse <= self.HOLD_MSE:
             return False
-        return self.lost_mse is None or self.lost_mse <= self.LOSS_MARGIN * hold_mse
+        self.probing = False
+        if self.won or hold_mse == float("inf"):  # a continuation, or holding is no option
+            return True
+        if self.lost_mse is not None:
+            if self.lost_mse <= self.RETRY * hold_mse:
+                return True
+            if self.lost_mse > self.LOSS_MARGIN * hold_mse:
+                return False
+        if not self.probe_interval:
+            return True
+        self.probing = self.since >= self.PROBE_SINCE and self.since_probe >= self.probe_interval
+        return self.probing
 
     def synthesized(self, synthesis_mse: float, won: bool) -> None:
+        if self.probing:
+            self.since_probe = 0
+        self.won = won
         self.lost_mse = None if won else synthesis_mse
 
     def new_reference(self) -> None:
-        self.lost_mse = None
+        self.lost_mse, self.won, self.since = None, False, 0
 
 
 class Encoder:
@@ -384,7 +421,7 @@ class Encoder:
         self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
         if settings.keyframe_codec == "av1" and settings.kbps:
             self.rate = RateControl(settings.kbps, fps, frames=frames)
-        self.gate = SynthesisGate()
+        self.gate = SynthesisGate(settings.probe_interval)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:
@@ -423,6 +460,7 @@ class Encoder:
         s, st, rate = self.settings, self.state, self.rate
         if rate:
             rate.next_frame()
+        self.gate.next_frame()
         self.since_intra += 1
         intra = st.picture is None or self.intra_requested or (s.intra_interval and self.since_intra >= s.intra_interval)
         hold_mse = mse(st.picture, x) if st.picture is not None and s.repeat_keyframe else float("inf")

@@ -81,6 +81,7 @@ class SenderSettings:
     # sequence numbers): a lost one breaks the chain until an intra frame, so on a lossy link a copy is cheap
     # insurance; on a clean one it would halve the references, so copies are sent only for LOSS_MEMORY
     # seconds after the receiver last asked for an intra frame
+    probe_interval: int = 25  # frames between syntheses made only to find out (SynthesisGate); 0: no limit
 
     def __post_init__(self) -> None:
         check_reference_settings(self)
@@ -138,7 +139,7 @@ class Sender:
         self.av1: ReferenceEncoder | None = None
         self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
         self.rate = RateControl(settings.kbps, fps, stream_overhead_bits=0) if settings.kbps else None
-        self.gate = SynthesisGate()
+        self.gate = SynthesisGate(settings.probe_interval)
         self.shown: Tensor | None = None  # what the receiver shows now, as far as the sender knows
         self.fps = fps
         self.last_request: int | None = None  # frame at which the receiver last asked for an intra frame
@@ -190,6 +191,7 @@ class Sender:
         """Let a frame go unsent (a busy sender drops it at capture); frame ids stay source indices."""
         self.state.frame += 1
         self.budget.next_frame()
+        self.gate.next_frame()
         if self.rate:
             self.rate.next_frame()
 
@@ -200,6 +202,7 @@ class Sender:
         st.frame += 1
         if rate:
             rate.next_frame()
+        self.gate.next_frame()
         known = -1 if self.receiver_newest is None else self.receiver_newest
         pending = [r for r in sorted(st.refs) if r > known and not st.refs[r].acked]
         if (pending and fid - st.refs[pending[0]].frame >= RESEND_TIMEOUT

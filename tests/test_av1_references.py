@@ -249,17 +249,48 @@ def test_a_frame_its_held_picture_matches_is_held_without_a_synthesis(tiny_weigh
     assert calls == [1]
 
 
-def test_synthesis_gate_skips_only_where_holding_is_known_to_win():
-    gate = SynthesisGate()
+def test_synthesis_gate_skips_where_holding_is_known_to_win():
+    gate = SynthesisGate(probe_interval=0)  # no budget: the rules alone
+    gate.new_reference()
+    gate.next_frame()
     assert not gate.worth_synthesizing(5e-4)  # held picture within 30 dB
     assert gate.worth_synthesizing(4e-3)
     gate.synthesized(6e-3, won=False)  # lost: worth asking again only once holding is nearly as bad
+    gate.next_frame()
     assert not gate.worth_synthesizing(4e-3) and gate.worth_synthesizing(5e-3)
     gate.synthesized(4e-3, won=True)
+    gate.next_frame()
     assert gate.worth_synthesizing(2e-3)
     gate.synthesized(6e-3, won=False)
     gate.new_reference()  # a new reference, a new synthesis to expect
+    gate.next_frame()
     assert gate.worth_synthesizing(2e-3)
+
+
+def test_synthesis_gate_probes_within_its_budget_and_follows_wins():
+    gate = SynthesisGate()
+    asked = []
+    for frame in range(100):
+        if frame % 10 == 0:
+            gate.new_reference()
+        gate.next_frame()
+        if gate.worth_synthesizing(4e-3):
+            asked.append(frame)
+            gate.synthesized(8e-3, won=False)  # every synthesis loses, by far
+    # one probe per probe interval, none on a reference's first frame, unless holding is no option
+    assert len(asked) <= 100 // gate.probe_interval + 1
+    assert all(b - a >= gate.probe_interval for a, b in zip(asked, asked[1:]))
+    assert asked and all(f % 10 != 0 for f in asked)
+    gate.new_reference(), gate.next_frame()
+    assert not gate.worth_synthesizing(4e-3) and gate.worth_synthesizing(float("inf"))
+    gate.next_frame()
+    gate.since_probe = gate.probe_interval
+    assert gate.worth_synthesizing(4e-3)
+    gate.synthesized(1e-3, won=True)  # a win: the next frames are continuations, free of the budget
+    for _ in range(5):
+        gate.next_frame()
+        assert gate.worth_synthesizing(4e-3)
+        gate.synthesized(1e-3, won=True)
 
 
 # Frames 1-11 after references at 0, 3, 6 and 9: H a repeat, T a token frame. References 0 and 6 are
