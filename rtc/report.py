@@ -26,6 +26,9 @@ class CallReport:
     kbps: float  # imfc packets, headers included, sender -> receiver
     feedback_kbps: float  # receiver -> sender
     delivered_fps: float  # new pictures shown per second of source time
+    # frames shown as the sender coded them per second of source time: new pictures and the holds the
+    # sender chose (at a few kbps most frames are holds by choice); not a frame skipped for time, lost or late
+    as_sent_fps: float
     psnr: float  # mean over all frames (held ones included) against the source, at the model's size
     msssim: float | None
     latency_ms_mean: float | None  # capture to display, over shown frames
@@ -63,6 +66,7 @@ def summarize(played: list[PlayedFrame], source: list[np.ndarray], fps: float, c
         packets_lost=packets_lost, kbps=8 * media_bytes / 1000 / seconds,
         feedback_kbps=8 * feedback_bytes / 1000 / seconds,
         delivered_fps=(len(played) - count[Outcome.HELD]) / seconds,
+        as_sent_fps=(len(played) - count[Outcome.HELD] + min(sender_holds, count[Outcome.HELD])) / seconds,
         psnr=float(np.mean(psnr)) if psnr else float("nan"), msssim=float(np.mean(msssim)) if msssim else None,
         latency_ms_mean=float(np.mean(latency)) if latency else None,
         latency_ms_p50=float(np.percentile(latency, 50)) if latency else None,

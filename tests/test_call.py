@@ -149,7 +149,11 @@ def test_simulated_av1_call_and_its_bad_options(tiny_weights, clip, tmp_path, ca
     assert call_main([*args, "--loss", "20", "--seed", "3", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["frames"] == FRAMES and r["keyframes_sent"] >= 1 and r["kbps"] > 0
-    for bad in (["--av1-crf", "70"], ["--kbps", "-1"], ["--reference-interval", "0"]):
+    # the sender's own holds count as shown as sent; lost or late frames do not
+    seconds = FRAMES / 25
+    shown_as_sent = r["frames"] - r["held"] + min(r["sender_holds"], r["held"])
+    assert r["as_sent_fps"] == pytest.approx(shown_as_sent / seconds) and r["as_sent_fps"] >= r["delivered_fps"]
+    for bad in (["--av1-crf", "70"], ["--kbps", "-1"], ["--reference-interval", "0"], ["--probe-interval", "-1"]):
         with pytest.raises(SystemExit) as exit_info:
             call_main([*args, *bad])
         assert exit_info.value.code == 2

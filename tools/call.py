@@ -67,13 +67,16 @@ def add_coding(p: argparse.ArgumentParser, defaults: SenderSettings) -> None:
     p.add_argument("--intra-interval", type=int, default=defaults.intra_interval,
                    help="AV1 references: frames between intra frames, 0 for only the first and those the "
                         "receiver asks for (default %(default)s)")
+    p.add_argument("--probe-interval", type=int, default=defaults.probe_interval,
+                   help="AV1 references: frames between syntheses made only to learn whether the model beats "
+                        "holding; 0 tries every frame (default %(default)s)")
 
 
 def sender_settings(args: argparse.Namespace) -> SenderSettings:
     return SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size, max_kbps=args.max_kbps,
                           keyframe_step=args.keyframe_step, keyframe_codec=args.keyframe_codec, kbps=args.kbps,
                           reference_interval=args.reference_interval, av1_crf=args.av1_crf,
-                          intra_interval=args.intra_interval)
+                          intra_interval=args.intra_interval, probe_interval=args.probe_interval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="AV1 references without --kbps: frames from one to the next (default %(default)s)")
     parser.add_argument("--intra-interval", type=int, default=defaults.intra_interval,
                         help="AV1 references: frames between intra frames, 0 for only the first (default %(default)s)")
+    parser.add_argument("--probe-interval", type=int, default=defaults.probe_interval,
+                        help="AV1 references: frames between syntheses made only to learn whether the model beats "
+                             "holding (after one that wins, every frame is tried); 0 tries every frame: slower, "
+                             "not better on the validation clips (default %(default)s)")
     parser.add_argument("--bank-size", type=int, default=None,
                         help="reference frames the decoder keeps (default: 1 with AV1 references, 2 with learned keyframes)")
     parser.add_argument("--frames", type=int, default=None, help="encode at most this many frames")
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             args.kbps if args.kbps is not None and codec == "learned" else args.max_kbps,
             repeat_keyframe=not args.no_repeat, keyframe_step=args.keyframe_step, keyframe_codec=codec,
             kbps=kbps if codec == "av1" else 0.0, reference_interval=args.reference_interval,
-            av1_crf=args.av1_crf, intra_interval=args.intra_interval)
+            av1_crf=args.av1_crf, intra_interval=args.intra_interval, probe_interval=args.probe_interval)
     except ValueError as e:
         parser.error(str(e))
 
