@@ -477,23 +477,23 @@ class Encoder:
             ref_mse = 10 ** (-out.psnr / 10)  # its MSE, as psnr() found it
             self.reference_mse = ref_mse if self.reference_mse is None else 0.7 * self.reference_mse + 0.3 * ref_mse
             return out
-        data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.u_prev_hat)
-        if st.unsent is not None:  # the reference's token goes first, in the same rANS stream
-            data = self.model.compress_deltas(torch.cat([st.unsent.delta, self.model.decompress_deltas(data, 1)]))
-        token_bits = packed_token_bits(data)
-        repeat_cost = hold_mse + s.lmbda
         st.since_keyframe += 1
-        if (not rate or rate.affords(token_bits)) and self.gate.worth_synthesizing(hold_mse):
-            build_newest_reference(self.model, st, s.bank_size)
-            x_hat = render(self.model, u_hat, st.bank)
-            synthesis_mse = mse(x_hat, x)
-            won = s.synthesis_margin * synthesis_mse + s.lmbda * token_bits < repeat_cost
-            self.gate.synthesized(synthesis_mse, won)
-            if won:
-                st.u_prev_hat, st.unsent = u_hat, None
-                if rate:
-                    rate.pay(token_bits)
-                return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, psnr(x_hat, x))
+        if self.gate.worth_synthesizing(hold_mse):  # the token only here: E_T is a third of a held frame's time
+            data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.u_prev_hat)
+            if st.unsent is not None:  # the reference's token goes first, in the same rANS stream
+                data = self.model.compress_deltas(torch.cat([st.unsent.delta, self.model.decompress_deltas(data, 1)]))
+            token_bits = packed_token_bits(data)
+            if not rate or rate.affords(token_bits):
+                build_newest_reference(self.model, st, s.bank_size)
+                x_hat = render(self.model, u_hat, st.bank)
+                synthesis_mse = mse(x_hat, x)
+                won = s.synthesis_margin * synthesis_mse + s.lmbda * token_bits < hold_mse + s.lmbda
+                self.gate.synthesized(synthesis_mse, won)
+                if won:
+                    st.u_prev_hat, st.unsent = u_hat, None
+                    if rate:
+                        rate.pay(token_bits)
+                    return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, psnr(x_hat, x))
         if rate:
             rate.pay(1)
         return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, psnr(st.picture, x))

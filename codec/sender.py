@@ -259,23 +259,25 @@ class Sender:
         s, st, rate = self.settings, self.state, self.rate
         if reference:
             return self._av1_reference(fid, x, intra)
-        base = self._token_base(fid)
-        data, u_hat = self.model.compress_token(self.model.token_symbols(x), st.tokens[base] if base is not None else None)
-        bits = 8 * (pk.OVERHEAD + len(data))  # the token packet's size
         hold_cost = mse(self.shown, x)
-        if (rate is None or rate.affords(bits)) and self.gate.worth_synthesizing(hold_cost):
-            x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
-            synthesis_mse = mse(x_hat, x)
-            won = synthesis_mse + s.lmbda * bits < hold_cost
-            self.gate.synthesized(synthesis_mse, won)
-            if won:
-                st.tokens[fid] = u_hat
-                self._forget(fid)
-                self.shown = x_hat
-                if rate:
-                    rate.pay(bits)
-                return SentFrame(fid, FrameKind.TOKEN, [self._token_packet(fid, base, bank_ids, data)], x_hat,
-                                 psnr(x_hat, x))
+        if self.gate.worth_synthesizing(hold_cost):  # the token only here: E_T is a third of a held frame's time
+            base = self._token_base(fid)
+            data, u_hat = self.model.compress_token(self.model.token_symbols(x),
+                                                    st.tokens[base] if base is not None else None)
+            bits = 8 * (pk.OVERHEAD + len(data))  # the token packet's size
+            if rate is None or rate.affords(bits):
+                x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
+                synthesis_mse = mse(x_hat, x)
+                won = synthesis_mse + s.lmbda * bits < hold_cost
+                self.gate.synthesized(synthesis_mse, won)
+                if won:
+                    st.tokens[fid] = u_hat
+                    self._forget(fid)
+                    self.shown = x_hat
+                    if rate:
+                        rate.pay(bits)
+                    return SentFrame(fid, FrameKind.TOKEN, [self._token_packet(fid, base, bank_ids, data)], x_hat,
+                                     psnr(x_hat, x))
         return SentFrame(fid, FrameKind.HOLD, [], self.shown, psnr(self.shown, x))
 
     def _av1_reference(self, fid: int, x: Tensor, intra: bool) -> SentFrame:
