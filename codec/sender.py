@@ -31,6 +31,8 @@ State lives in the Sender object (reference store, token history, counters) and 
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from enum import IntEnum
 from fractions import Fraction
@@ -56,6 +58,7 @@ RESEND_GAP = 3  # frames between two resends (about a round trip at 25 fps on a 
 RESEND_TRIES = 3  # resends without progress before an intra frame instead
 RESEND_TIMEOUT = 6  # frames without an acknowledgement of a reference after which it is sent again unasked
 REFRESH_SECONDS = 1.0  # of the rate target: the most an AV1 intra refresh may cost, where a cheaper one exists
+RETIME_SECONDS = 10.0  # a live call's sender without time to synthesize times a synthesis again this often
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,16 @@ class Sender:
         self.av1_fps = Fraction(fps).limit_denominator(1001) / settings.reference_interval
         self.rate = RateControl(settings.kbps, fps, stream_overhead_bits=0) if settings.kbps else None
         self.gate = SynthesisGate(settings.probe_interval)
+        # Real time (issue 16): a live call sets frame_period (seconds between captured frames). A
+        # synthesis that takes longer than that makes the frames behind it late, and a late frame is
+        # skipped; so where the last synthesis took longer than a frame, the sender holds instead
+        # (the receiver shows the same picture either way, and references keep coming on time),
+        # timing a synthesis again every RETIME_SECONDS in case the machine has sped up. Files and
+        # simulated calls leave it None: their streams must not depend on timing.
+        self.frame_period: float | None = None
+        self.synthesis_seconds: float | None = None  # the last synthesis's wall time
+        self.timed_at = 0  # the frame it was made for
+        self.syntheses_left_out = 0  # syntheses the gate asked for that there was no time for
         self.shown: Tensor | None = None  # what the receiver shows now, as far as the sender knows
         self.fps = fps
         self.last_request: int | None = None  # frame at which the receiver last asked for an intra frame
@@ -260,13 +273,20 @@ class Sender:
         if reference:
             return self._av1_reference(fid, x, intra)
         hold_cost = mse(self.shown, x)
-        if self.gate.worth_synthesizing(hold_cost):  # the token only here: E_T is a third of a held frame's time
+        worth = self.gate.worth_synthesizing(hold_cost)
+        if worth and not self._has_time_to_synthesize(fid):
+            self.syntheses_left_out += 1
+            worth = False
+        if worth:  # the token only here: E_T is a third of a held frame's time
             base = self._token_base(fid)
             data, u_hat = self.model.compress_token(self.model.token_symbols(x),
                                                     st.tokens[base] if base is not None else None)
             bits = 8 * (pk.OVERHEAD + len(data))  # the token packet's size
             if rate is None or rate.affords(bits):
-                x_hat = render(self.model, u_hat, [self._reference(i) for i in bank_ids])
+                bank = [self._reference(i) for i in bank_ids]
+                start = time.perf_counter()
+                x_hat = render(self.model, u_hat, bank)
+                self.synthesis_seconds, self.timed_at = time.perf_counter() - start, fid
                 synthesis_mse = mse(x_hat, x)
                 won = synthesis_mse + s.lmbda * bits < hold_cost
                 self.gate.synthesized(synthesis_mse, won)
@@ -336,6 +356,11 @@ class Sender:
         packet = self._token_packet(fid, base, bank_ids, data)
         self._forget(fid)
         return SentFrame(fid, FrameKind.TOKEN, [packet], x_hat, quality)
+
+    def _has_time_to_synthesize(self, fid: int) -> bool:
+        if self.frame_period is None or self.synthesis_seconds is None or self.synthesis_seconds <= self.frame_period:
+            return True
+        return (fid - self.timed_at) * self.frame_period >= RETIME_SECONDS
 
     def _token_base(self, fid: int) -> int | None:
         """The frame whose token the next one is a delta from: the newest the receiver decoded exactly."""

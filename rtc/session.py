@@ -76,6 +76,7 @@ class SenderSummary:
     wire_bytes: int | None = None  # everything this side sent while frames flowed, on the wire
     # (imfc packets + SCTP/DTLS framing and acks + IP/UDP headers); None if aiortc hides it
     captured: list[float] = field(default_factory=list)  # clock time of each frame's capture slot
+    syntheses_left_out: int = 0  # the sender had no time for them (a synthesis took longer than a frame)
 
 
 # -- sender ------------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ async def _send_frames(sender: Sender, pool: ThreadPoolExecutor, reader: "Prefet
     loop = asyncio.get_running_loop()
     summary = SenderSummary()
     period = 1 / float(source.fps)
+    sender.frame_period = period  # real time: no synthesis that would make the next frames late
 
     def step(frame: np.ndarray) -> SentFrame:
         while feedback:  # applied on the model's thread: Sender state is touched by one thread only
@@ -179,6 +181,7 @@ async def _send_frames(sender: Sender, pool: ThreadPoolExecutor, reader: "Prefet
                 out.send(p)
         i += 1
     summary.frames = i
+    summary.syntheses_left_out = sender.syntheses_left_out
     return summary
 
 

@@ -185,3 +185,26 @@ def test_intra_refresh_under_a_rate_target_starts_a_new_stream(model):
     refs_since = sum(1 for f in av1_refs(call) if f >= intra)
     assert call.sender.av1._pts == refs_since < len(av1_refs(call))  # the stream began at the refresh
     assert_exact_where_shown(call)
+
+
+def test_a_live_sender_holds_where_it_has_no_time_to_synthesize(model, frames):
+    """Real time: once a synthesis took longer than a frame, a live sender holds where it would have
+    synthesized (the frames behind would be late and skipped), and times a synthesis again after
+    RETIME_SECONDS. A simulated sender (no frame period) decides as before: timing never changes a
+    file or a simulated call."""
+    def kinds(sender: Sender, xs) -> list[FrameKind]:
+        return [sender.encode(x).kind for x in xs]
+
+    plain = Sender(model, AV1)
+    plain_kinds = kinds(plain, frames[:8])
+    assert FrameKind.TOKEN in plain_kinds and plain.syntheses_left_out == 0
+    live = Sender(model, AV1)
+    live.frame_period = 0.04
+    kinds(live, frames[:1])
+    live.synthesis_seconds = 1.0  # a synthesis that took 25 frames
+    assert kinds(live, frames[1:8]) == [FrameKind.KEYFRAME if k == FrameKind.KEYFRAME else FrameKind.HOLD
+                                        for k in plain_kinds[1:]]
+    assert live.syntheses_left_out >= plain_kinds.count(FrameKind.TOKEN) > 0
+    live.timed_at = -1000  # RETIME_SECONDS later: a synthesis is timed again
+    assert FrameKind.TOKEN in kinds(live, frames[8:16])
+    plain.close(), live.close()

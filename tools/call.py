@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 # the wire rate on the same time base as the report's kbps: the source's duration
                 seconds = max(summary.frames, 1) / float(source.fps)
                 wire = summary.wire_bytes and 8 * summary.wire_bytes / 1000 / seconds
-                print(f"sent {summary.frames} frames ({summary.not_sent} skipped for time), "
+                print(f"sent {summary.frames} frames ({summary.not_sent} skipped for time, "
+                      f"{summary.syntheses_left_out} syntheses left out for time), "
                       f"{summary.keyframes_sent} keyframes, {summary.packets_sent} packets, "
                       f"{summary.media_bytes} bytes, {summary.wire_bytes} bytes on the wire "
                       "(SCTP/DTLS/UDP/IP included); receiver's report:")
