@@ -150,7 +150,7 @@ class Sender:
         # timing a synthesis again every RETIME_SECONDS in case the machine has sped up. Files and
         # simulated calls leave it None: their streams must not depend on timing.
         self.frame_period: float | None = None
-        self.synthesis_seconds: float | None = None  # the last synthesis's wall time
+        self.synthesis_seconds: float | None = None  # the last synthesis's wall time (a live call times one first)
         self.timed_at = 0  # the frame it was made for
         self.syntheses_left_out = 0  # syntheses the gate asked for that there was no time for
         self.shown: Tensor | None = None  # what the receiver shows now, as far as the sender knows

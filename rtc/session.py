@@ -109,7 +109,8 @@ async def run_sender(model: IMFCodec, source: Source, settings: SenderSettings, 
     pool = ThreadPoolExecutor(1)  # the model's thread: Sender state is touched by it only
     try:
         # before calling: the first frames should not pay for warm-up or for filling the reader
-        await loop.run_in_executor(pool, warm_up, model)
+        # ... and the sender knows from the start whether a synthesis fits a frame
+        sender.synthesis_seconds = await loop.run_in_executor(pool, warm_up, model)
         # a file is read up to 4 s ahead; a camera's frames are taken as they come (no stale queue)
         reader = Prefetch(iter(source.frames), depth=1 if source.live else max(int(4 * float(source.fps)), 1))
         if not source.live:
@@ -209,15 +210,22 @@ class Prefetch:
         return self.queue.get()
 
 
-def warm_up(model: IMFCodec) -> None:
+def warm_up(model: IMFCodec) -> float:
     """Run every network once on a blank frame: the first call of each is several times slower
-    (allocations, kernel selection) and would otherwise land on the first frames of the call."""
+    (allocations, kernel selection) and would otherwise land on the first frames of the call.
+    -> the wall time of one synthesis from a bank of 1, warm: what a sender has to fit in a frame."""
     r = model.cfg.resolution
     x = torch.zeros(1, 3, r, r)
     sender = Sender(model, SenderSettings(quality_floor=1.0))
     sender.encode(x)
     sender.state.refs[0].acked = True
     sender.encode(x)
+    with torch.no_grad():
+        bank, u = [model.reference_from_picture(x)], model.token_symbols(x).round()
+        model.synthesize(u, bank)
+        start = time.perf_counter()
+        model.synthesize(u, bank)
+        return time.perf_counter() - start
 
 
 # -- receiver ----------------------------------------------------------------------------------
