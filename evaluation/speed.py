@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import numpy as np
@@ -42,6 +42,7 @@ class Speed:
     decode_p95_ms: float
     encode_cpu_ms: float  # mean process CPU time per frame, all threads
     decode_cpu_ms: float
+    token_frames: int | None = None  # imfc: frames the decoder synthesized (the model's cost shows only there)
 
 
 def peak_rss_mb() -> float:
@@ -84,7 +85,8 @@ def bench_imfc(model: IMFCodec, frames: np.ndarray, fps: Fraction, threads: int,
         dec.append(time.perf_counter() - start)
     dec_cpu = time.process_time() - cpu
     keyframes = sum(c.type in (ChunkType.KEYFRAME, ChunkType.AV1_REFERENCES) for c in chunks)
-    return _speed("imfc", threads, keyframes, sum(len(c.payload) for c in chunks), fps, enc, dec, enc_cpu, dec_cpu)
+    speed = _speed("imfc", threads, keyframes, sum(len(c.payload) for c in chunks), fps, enc, dec, enc_cpu, dec_cpu)
+    return replace(speed, token_frames=sum(c.type == ChunkType.FRAME for c in chunks))
 
 
 def bench_synthesis(model: IMFCodec, frames: np.ndarray, threads: int, bank_size: int = 2,

@@ -48,12 +48,13 @@ def cpu_name() -> str:
 
 def table(rows: list[Speed]) -> list[str]:
     out = [("| codec | threads | encode fps | decode fps | encode p50 / p95 ms | decode p50 / p95 ms | "
-           "encode / decode CPU ms per frame | keyframes | kbps |"),
-           "|---|---|---|---|---|---|---|---|---|"]
+           "encode / decode CPU ms per frame | keyframes | token frames | kbps |"),
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for s in rows:
         out.append(f"| {s.codec} | {s.threads} | {s.encode_fps:.1f} | {s.decode_fps:.1f} | {s.encode_p50_ms:.1f} / "
                    f"{s.encode_p95_ms:.1f} | {s.decode_p50_ms:.1f} / {s.decode_p95_ms:.1f} | {s.encode_cpu_ms:.1f} / "
-                   f"{s.decode_cpu_ms:.1f} | {s.keyframes} | {s.kbps:.1f} |")
+                   f"{s.decode_cpu_ms:.1f} | {s.keyframes} | {'n/a' if s.token_frames is None else s.token_frames} | "
+                   f"{s.kbps:.1f} |")
     return out
 
 
