@@ -32,7 +32,6 @@ State lives in the Sender object (reference store, token history, counters) and 
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass, field
 from enum import IntEnum
 from fractions import Fraction
