@@ -43,6 +43,7 @@ class Speed:
     encode_cpu_ms: float  # mean process CPU time per frame, all threads
     decode_cpu_ms: float
     token_frames: int | None = None  # imfc: frames the decoder synthesized (the model's cost shows only there)
+    token_decode_p95_ms: float | None = None  # imfc: decode latency of those frames alone
 
 
 def peak_rss_mb() -> float:
@@ -86,7 +87,8 @@ def bench_imfc(model: IMFCodec, frames: np.ndarray, fps: Fraction, threads: int,
     dec_cpu = time.process_time() - cpu
     keyframes = sum(c.type in (ChunkType.KEYFRAME, ChunkType.AV1_REFERENCES) for c in chunks)
     speed = _speed("imfc", threads, keyframes, sum(len(c.payload) for c in chunks), fps, enc, dec, enc_cpu, dec_cpu)
-    return replace(speed, token_frames=sum(c.type == ChunkType.FRAME for c in chunks))
+    token = [1000 * d for c, d in zip(chunks, dec) if c.type == ChunkType.FRAME]
+    return replace(speed, token_frames=len(token), token_decode_p95_ms=float(np.percentile(token, 95)) if token else None)
 
 
 def bench_synthesis(model: IMFCodec, frames: np.ndarray, threads: int, bank_size: int = 2,

@@ -186,6 +186,7 @@ def test_bench_reports_imfc_and_x264(capsys, tiny_weights, synthetic_video, tmp_
         assert r["encode_p50_ms"] <= r["encode_p95_ms"] and r["encode_cpu_ms"] > 0
         assert (r["token_frames"] is None) == (r["codec"] == "x264")  # how often imfc's decoder synthesized
         assert r["codec"] == "x264" or 0 <= r["token_frames"] <= 4 - r["keyframes"]
+        assert (r["token_decode_p95_ms"] is None) == (not r["token_frames"])
     assert data["peak_rss_mb"]["end"] >= data["peak_rss_mb"]["after_imports"] > 0
     assert "synthesis alone" in text and 0 < data["synthesis_ms"]["1"]["p50"] <= data["synthesis_ms"]["1"]["p95"]
 

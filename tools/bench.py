@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{imfc.decode_fps / x264.decode_fps:.3g}x the frame rate of libx264 (wall clock); per frame it "
                          f"takes {imfc.encode_cpu_ms / x264.encode_cpu_ms:.0f}x / {imfc.decode_cpu_ms / x264.decode_cpu_ms:.0f}x "
                          f"x264's CPU time to encode / decode.")
+        for s in rows:
+            if s.codec == "imfc" and s.token_frames:
+                lines.append(f"- {s.threads} thread(s): imfc's decoder synthesized {s.token_frames} token frame(s), p95 "
+                             f"{s.token_decode_p95_ms:.1f} ms each (the rest of its frames are AV1 references and holds)")
         for t, (p50, p95) in synthesis.items():
             lines.append(f"- synthesis alone (one token frame from a bank of {settings.bank_size} reference(s) made from "
                          f"this clip, as the bank of these settings), {t} "
