@@ -350,10 +350,11 @@ class SynthesisGate:
     reference. With the stage-8 weights on the same 12 clips at --kbps 3 and 8 (session 14), the
     closed loop synthesized 658 of 2,186 frames and 43 became token frames: 27 of 28 syntheses
     right after a synthesis that won did win, but only 16 of the 630 others, and 3 of the 327 made
-    on the first frame after a reference; of the 245 made after a loss, the 7 that won all came
-    where the lost synthesis's error was below RETRY times this frame's held error (25 such). So a
-    synthesis that follows a win is always allowed (a continuation), and one where the last loss
-    would now win (a retry); any other (a probe) needs the reference to be at least PROBE_SINCE
+    on the first frame after a reference, but 4 of 12 where the synthesis before that reference had
+    won; of the 245 made after a loss, the 7 that won all came where the lost synthesis's error was
+    below RETRY times this frame's held error (25 such). So a synthesis that follows a win, across a
+    new reference too, is always allowed (a continuation), and one where the last loss would now win
+    (a retry); any other (a probe) needs the reference to be at least PROBE_SINCE
     frames old and the last probe ``probe_interval`` frames back, so the encoder's per-frame time
     stays a held frame's on at least 19 frames in 20 wherever the model keeps losing (0: no probe
     budget, the rules above alone)."""
@@ -366,7 +367,7 @@ class SynthesisGate:
     def __init__(self, probe_interval: int = 25) -> None:
         self.probe_interval = probe_interval
         self.lost_mse: float | None = None  # the last synthesis that lost to holding, since the newest reference
-        self.won = False  # the last synthesis since the newest reference won: the next is a continuation
+        self.won = False  # the last synthesis won: the next is a continuation
         self.since = 0  # frames since the newest reference
         self.since_probe = probe_interval  # frames since the last probe
         self.probing = False  # the synthesis asked for is a probe
@@ -398,7 +399,7 @@ class SynthesisGate:
         self.lost_mse = None if won else synthesis_mse
 
     def new_reference(self) -> None:
-        self.lost_mse, self.won, self.since = None, False, 0
+        self.lost_mse, self.since = None, 0  # a win before it still makes the next synthesis a continuation
 
 
 class Encoder:

@@ -291,6 +291,11 @@ def test_synthesis_gate_probes_within_its_budget_and_follows_wins():
         gate.next_frame()
         assert gate.worth_synthesizing(4e-3)
         gate.synthesized(1e-3, won=True)
+    gate.new_reference(), gate.next_frame()  # ... the first frame after a new reference too
+    assert gate.worth_synthesizing(4e-3)
+    gate.synthesized(8e-3, won=False)
+    gate.new_reference(), gate.next_frame()  # a loss before it: the first frame after holds
+    assert not gate.worth_synthesizing(4e-3)
 
 
 # Frames 1-11 after references at 0, 3, 6 and 9: H a repeat, T a token frame. References 0 and 6 are
