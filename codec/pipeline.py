@@ -73,6 +73,10 @@ def check_reference_settings(s) -> None:
 # 17% faster (66 against 80 ms, 1 thread).
 DEFAULT_BANK_SIZE = {"learned": 2, "av1": 1}
 
+# Frames between a closed loop's syntheses made only to learn whether the model beats holding
+# (`SynthesisGate`'s probes).
+PROBE_INTERVAL = 25
+
 
 def resolve_bank_size(settings) -> None:
     """A settings object's bank_size None -> its keyframe codec's default (frozen dataclasses)."""
@@ -116,7 +120,7 @@ class EncoderSettings:
     # whenever the rate affords one) 1.7 / 0.7689 / 11.4, 2.6 / 0.8142 / 21.1 and 3.6 / 0.8448 /
     # 24.9: as good or better for 10-15% fewer bits. A fixed factor (not falling) left more unspent.
     reference_gain: float = 2.5
-    probe_interval: int = 25  # frames between syntheses made only to find out (SynthesisGate); 0: no limit
+    probe_interval: int = PROBE_INTERVAL  # 0: no limit
 
     def __post_init__(self) -> None:
         check_reference_settings(self)
@@ -364,7 +368,7 @@ class SynthesisGate:
     RETRY = 0.8  # 1 / the encoder's synthesis margin: the last synthesis, unchanged, would win now
     PROBE_SINCE = 2
 
-    def __init__(self, probe_interval: int = 25) -> None:
+    def __init__(self, probe_interval: int = PROBE_INTERVAL) -> None:
         self.probe_interval = probe_interval
         self.lost_mse: float | None = None  # the last synthesis that lost to holding, since the newest reference
         self.won = False  # the last synthesis won: the next is a continuation
@@ -377,9 +381,9 @@ class SynthesisGate:
         self.since_probe += 1
 
     def worth_synthesizing(self, hold_mse: float) -> bool:
+        self.probing = False
         if hold_mse <= self.HOLD_MSE:
             return False
-        self.probing = False
         if self.won or hold_mse == float("inf"):  # a continuation, or holding is no option
             return True
         if self.lost_mse is not None:
@@ -488,7 +492,8 @@ class Encoder:
                 build_newest_reference(self.model, st, s.bank_size)
                 x_hat = render(self.model, u_hat, st.bank)
                 synthesis_mse = mse(x_hat, x)
-                won = s.synthesis_margin * synthesis_mse + s.lmbda * token_bits < hold_mse + s.lmbda
+                repeat_cost = hold_mse + s.lmbda  # a repeat costs a bit
+                won = s.synthesis_margin * synthesis_mse + s.lmbda * token_bits < repeat_cost
                 self.gate.synthesized(synthesis_mse, won)
                 if won:
                     st.u_prev_hat, st.unsent = u_hat, None

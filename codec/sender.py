@@ -42,8 +42,8 @@ from torch import Tensor
 from codec.av1_reference import ReferenceEncoder
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import step_index
-from codec.pipeline import (KeyframeBudget, RateControl, check_reference_settings, encode_keyframe, mse, psnr,
-                            render, resolve_bank_size, start_reference_stream, SynthesisGate)
+from codec.pipeline import (PROBE_INTERVAL, KeyframeBudget, RateControl, check_reference_settings, encode_keyframe,
+                            mse, psnr, render, resolve_bank_size, start_reference_stream, SynthesisGate)
 from codec.video_io import to_tensor, to_uint8
 from entropy import packet as pk
 from entropy.bitstream import Av1ReferenceUnit
@@ -83,7 +83,7 @@ class SenderSettings:
     # sequence numbers): a lost one breaks the chain until an intra frame, so on a lossy link a copy is cheap
     # insurance; on a clean one it would halve the references, so copies are sent only for LOSS_MEMORY
     # seconds after the receiver last asked for an intra frame
-    probe_interval: int = 25  # frames between syntheses made only to find out (SynthesisGate); 0: no limit
+    probe_interval: int = PROBE_INTERVAL  # 0: no limit
 
     def __post_init__(self) -> None:
         check_reference_settings(self)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -85,7 +85,7 @@ def precompute(cache_dir: Path, out_dir: Path, every: int, crfs: tuple[int, ...]
         frames = np.load(cache_dir / f"{clip}.npy", mmap_mode="r")
         fps = Fraction(clip_fps(cache_dir, clip) / every).limit_denominator(1001)
         decoded, meta = code_references(frames, every, crf, fps, intra_offset)
-        meta = RefsMeta(clip, meta.crf, meta.every, meta.indices, meta.bytes, intra_offset)
+        meta = replace(meta, clip=clip)
         tmp = path.with_name(path.stem + ".tmp.npy")
         np.save(tmp, decoded)
         tmp.replace(path)

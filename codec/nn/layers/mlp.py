@@ -31,17 +31,18 @@ def _bare_package(name: str) -> types.ModuleType:
 def _import_mlp() -> type:
     if "timm" in sys.modules:  # timm already imported in full
         return importlib.import_module("timm.layers").Mlp
+    bare = {}
     try:
-        for name in _PACKAGES:
-            sys.modules[name] = _bare_package(name)
+        for name in _PACKAGES:  # in order: finding timm.layers imports its parent, the bare timm by then
+            sys.modules[name] = bare[name] = _bare_package(name)
         return importlib.import_module("timm.layers.mlp").Mlp
     except Exception:  # a timm release whose mlp module needs more: import timm whole
         for name in [n for n in sys.modules if n == "timm" or n.startswith("timm.")]:
             del sys.modules[name]
         return importlib.import_module("timm.layers").Mlp
     finally:
-        for name in _PACKAGES:
-            if isinstance(sys.modules.get(name), types.ModuleType) and not hasattr(sys.modules[name], "__file__"):
+        for name, module in bare.items():
+            if sys.modules.get(name) is module:
                 del sys.modules[name]
 
 
