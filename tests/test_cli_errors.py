@@ -113,6 +113,28 @@ def test_decode_with_another_model(capsys, stream, tmp_path):
     check_error(capsys, decode.main([str(stream), "-o", str(out), "--weights", str(other)]), "made by another model", out)
 
 
+def test_shipped_models_by_name_and_decode_picks_the_one_a_stream_names(capsys, tiny_weights, stream, tmp_path,
+                                                                       monkeypatch):
+    import shutil
+
+    from codec.nn import weights
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(tiny_weights, shipped / "tiny.safetensors")  # a shipped model whose preset is "tiny"
+    shutil.copy(tiny_weights, shipped / "default.safetensors")
+    monkeypatch.setattr(weights, "SHIPPED_DIR", shipped)
+    assert weights.shipped_models() == ["default", "tiny"]
+    assert weights.load_weights("tiny").cfg.name == "tiny"
+    out = tmp_path / "d.mp4"
+    assert decode.main([str(stream), "-o", str(out), "-q"]) == 0 and out.exists()  # no --weights: the stream's
+    # a hostile header cannot name a file outside the shipped folder; unknown names are the default
+    assert weights.shipped_or_default("../shipped/tiny") == shipped / "default.safetensors"
+    capsys.readouterr()
+    check_error(capsys, encode.main([str(tmp_path / "x.mp4"), "-o", str(tmp_path / "o.imfc"), "--weights", "fastest"]),
+                "nor a shipped model: default, tiny", tmp_path / "o.imfc")
+
+
 def test_decode_missing_and_unwritable(capsys, tiny_weights, stream, tmp_path):
     capsys.readouterr()
     check_error(capsys, decode.main([str(tmp_path / "nope.imfc"), "-o", str(tmp_path / "d.mp4"), "--weights", str(tiny_weights)]),

@@ -266,3 +266,61 @@ def test_surgery_adds_the_hold_mask_and_keeps_every_other_parameter(tiny_weights
     a, b = before.state_dict(), after.state_dict()
     assert set(b) - set(a) == {"frame_decoder.to_mask.weight", "frame_decoder.to_mask.bias"}
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_surgery_narrows_channels_keeping_each_scales_first_channels(tiny_weights, tmp_path):
+    from train.surgery import main as surgery
+
+    out = tmp_path / "narrow.safetensors"
+    surgery([str(tiny_weights), str(out), "--channels", "8,8,16,16", "--name", "tiny-narrow"])
+    wide, narrow = load_weights(tiny_weights), load_weights(out)
+    assert narrow.cfg.name == "tiny-narrow" and narrow.cfg.channels == (8, 8, 16, 16)
+    assert narrow.cfg.token_channels == wide.cfg.token_channels
+    w, n = wide.state_dict(), narrow.state_dict()
+    assert all(torch.equal(w[k], n[k]) for k in n if k.startswith(("token_encoder", "token_prior", "keyframe_codec")))
+    # the packed query/key/value keeps each projection's first channels, not the first rows
+    qkv = w["alignment.blocks.3.0.qkv.weight"].unflatten(0, (3, 32))[:, :16, :16].flatten(0, 1)
+    assert torch.equal(n["alignment.blocks.3.0.qkv.weight"], qkv)
+    # D_F's merge at scale 1 concatenates scale 2's 32 channels and its own 16: cut part by part
+    merge = w["frame_decoder.merge.1.weight"]
+    assert torch.equal(n["frame_decoder.merge.1.weight"], torch.cat([merge[:8, :16], merge[:8, 32:40]], 1))
+    merge = w["frame_decoder.merge.0.weight"]  # scale 2: 32 + 32 wide
+    assert torch.equal(n["frame_decoder.merge.0.weight"], torch.cat([merge[:16, :16], merge[:16, 32:48]], 1))
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = narrow(None, x, x, decoded_refs=[x])
+    assert out.x_hat.shape == x.shape and torch.isfinite(out.x_hat).all()
+
+
+def test_narrowing_to_the_same_channels_changes_nothing(tiny_weights):
+    from train.shrink import shrink
+
+    wide = load_weights(tiny_weights)
+    same = shrink(wide, wide.cfg.channels, wide.cfg.name)
+    a, b = wide.state_dict(), same.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="narrow"):
+        shrink(wide, (32, 16, 32, 32), "wider")
+
+
+def test_distillation_trains_the_student_towards_the_teacher_with_frozen_modules(cache_dir, tmp_path, tiny_weights):
+    frozen = "token_encoder,token_prior,token_delta_prior,token_log_step,keyframe_codec"
+    cfg = tiny_cfg(cache_dir, tmp_path, teacher=str(tiny_weights), freeze=frozen, rate_start=10**6, lr=2e-3,
+                   warmup=1, steps=20)
+    torch.manual_seed(0)
+    state = build_state(cfg)
+    assert state.teacher is not None and not any(p.requires_grad for p in state.teacher.parameters())
+    assert state.aux_optimizer is None  # every entropy bottleneck is frozen
+    before = {n: p.clone() for n, p in state.model.named_parameters()}
+    split = Split.load(cache_dir / "split.json")
+    batch = TripletSampler(ClipCache(cache_dir, split.train), 64, 4, seed=0).sample()
+    metrics = [train_step(state, batch, cfg) for _ in range(20)]
+    assert all(m.distill > 0 for m in metrics)
+    assert np.mean([m.distill for m in metrics[-3:]]) < np.mean([m.distill for m in metrics[:3]])
+    moved = {n for n, p in state.model.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(n.startswith(tuple(frozen.split(","))) for n in moved)
+    assert any(n.startswith("frame_decoder") for n in moved) and any(n.startswith("alignment") for n in moved)
+    cfg.out_dir.mkdir(parents=True)
+    save_checkpoint(state, TripletSampler(ClipCache(cache_dir, split.train), 64, 4, seed=0), cfg)
+    with pytest.raises(ValueError, match="no parameter starts with 'token_encodr'"):
+        build_state(replace(cfg, freeze="token_encodr"))

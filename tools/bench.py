@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imfc bench", description=__doc__)
     parser.add_argument("input", type=Path, help="a video file; its centered square, resized to the model's resolution")
     parser.add_argument("--frames", type=int, default=100, help="frames to code (default %(default)s)")
-    parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
+    parser.add_argument("--weights", type=Path, default=None, help="model weights: a file, or a shipped model by name, default or fast (default: default)")
     parser.add_argument("--threads", type=int_list, default=(1, 2), help="thread counts to measure (default 1,2)")
     parser.add_argument("--x264-crf", type=int, default=51, help="libx264 CRF (default %(default)s, its lowest rate)")
     parser.add_argument("--keyframe-codec", choices=KEYFRAME_CODECS, default="av1",

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", type=Path, help="an .imfc bitstream")
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="output video (.mp4, .mkv, .mov, .y4m) or a folder for PNG frames")
-    parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
+    parser.add_argument("--weights", type=Path, default=None, help="model weights: a file, or a shipped model by name "
+                        "(default: the shipped model the stream names, default or fast)")
     parser.add_argument("--upscale", action="store_true", help="resize back to the size of the source crop")
     parser.add_argument("--max-frames", type=int, default=DEFAULT_MAX_FRAMES,
                         help=f"refuse streams of more frames than this (default {DEFAULT_MAX_FRAMES}, "
@@ -31,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from codec.files import decode_stream
-        from codec.nn.weights import load_weights
+        from codec.nn.weights import load_weights, shipped_or_default
         if args.threads is not None:
             torch.set_num_threads(max(1, args.threads))
-        model = load_weights(args.weights)
+        header = stream[0]
+        model = load_weights(args.weights if args.weights is not None else shipped_or_default(header.preset))
         s = decode_stream(args.input, stream, args.output, model, upscale=args.upscale, progress=not args.quiet)
         print(f"{args.output}: {s.frames} frames, {s.width}x{s.height}, {s.fps:.1f} fps")
         return 0

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imfc encode", description=__doc__)
     parser.add_argument("input", type=Path, help="any video file PyAV can open (mp4, mkv, webm, y4m, mov...)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .imfc bitstream to write")
-    parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
+    parser.add_argument("--weights", type=Path, default=None, help="model weights: a file, or a shipped model by name, default or fast (default: default)")
     parser.add_argument("--quality-floor", type=float, default=defaults.quality_floor,
                         help="PSNR (dB) below which a frame is sent as a new keyframe (default %(default)s)")
     parser.add_argument("--max-keyframe-interval", type=int, default=defaults.max_keyframe_interval,

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("clips", type=Path, nargs="+", help="video files PyAV can open")
     parser.add_argument("-o", "--out", type=Path, default=Path("imfc-eval"), help="output folder, new or empty (default %(default)s)")
-    parser.add_argument("--weights", type=Path, default=None, help="model weights (default: the shipped model)")
+    parser.add_argument("--weights", type=Path, default=None, help="model weights: a file, or a shipped model by name, default or fast (default: default)")
     parser.add_argument("--frames", type=int, default=d.frames, help="frames per clip, from the start (default %(default)s)")
     parser.add_argument("--imfc-points", type=imfc_points, default=d.imfc,
                         help="imfc operating points as QUALITY_FLOOR_DB:MAX_KEYFRAME_INTERVAL[:MAX_KBPS[:KEYFRAME_STEP]],... "

@@ -39,6 +39,12 @@ class TrainConfig:
     av1_near_power: float = 0.0  # draw that distance d with probability proportional to d ** -power (0: uniform)
     hold_softmin: float = 0.0  # > 0: the frame's distortion is a soft minimum of synthesis and holding (losses.rd_loss)
     av1_val_crf: int = 0  # the CRF of the AV1 validation; 0 = the middle of those precomputed
+    # distillation (the fast preset, MODEL.md): the frame also learns the teacher's synthesis of the
+    # same sample, L1 weighted by distill_weight; modules named in freeze (comma-separated prefixes
+    # of parameter names) keep their weights, e.g. E_T and the token priors, so the tokens stay the teacher's
+    teacher: str = ""
+    distill_weight: float = 1.0
+    freeze: str = ""
     gan_weight: float = 0.0  # weight of the patch discriminator's hinge loss on the frame; 0 = no discriminator
     gan_start: int = 0  # the discriminator trains from step 0, the frame feels it from this step
     d_lr: float = 1e-4

@@ -53,13 +53,14 @@ AV1_VAL_DISTANCES = (1, 4, 12, 25)  # frames after the newest AV1 reference, in 
 class TrainState:
     model: IMFCodec
     optimizer: torch.optim.Optimizer
-    aux_optimizer: torch.optim.Optimizer
+    aux_optimizer: torch.optim.Optimizer | None  # None where every entropy bottleneck is frozen
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
     world: World = SINGLE
     net: nn.Module | None = None  # what the forward pass calls: the model, or its DDP wrapper
     disc: MultiScaleDiscriminator | None = None  # the sharpening stage's discriminator, if any
     d_optimizer: torch.optim.Optimizer | None = None
+    teacher: IMFCodec | None = None  # distillation's teacher, frozen, in eval mode
 
     def __post_init__(self) -> None:
         if self.net is None:
@@ -79,19 +80,37 @@ class StepMetrics:
     aux: float
     gan_g: float  # the frame's adversarial loss (0 without a discriminator)
     gan_d: float  # the discriminator's hinge loss
+    distill: float  # L1 between the frame and the teacher's (0 without a teacher)
     seconds: float
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(network parameters, entropy-bottleneck quantiles), chosen by module type."""
+    """(network parameters, entropy-bottleneck quantiles), chosen by module type; frozen ones left out."""
     aux = [m.quantiles for m in model.modules() if isinstance(m, EntropyBottleneck)]
     aux_ids = {id(p) for p in aux}
-    return [p for p in model.parameters() if id(p) not in aux_ids], aux
+    return ([p for p in model.parameters() if id(p) not in aux_ids and p.requires_grad],
+            [p for p in aux if p.requires_grad])
+
+
+def freeze(model: nn.Module, prefixes: str) -> list[str]:
+    """Stop training the parameters whose names start with one of the comma-separated ``prefixes``;
+    returns their names. A prefix that names nothing is an error, not a silent no-op."""
+    names = []
+    for prefix in filter(None, (p.strip() for p in prefixes.split(","))):
+        hits = [n for n, p in model.named_parameters() if n.startswith(prefix)]
+        if not hits:
+            raise ValueError(f"freeze: no parameter starts with {prefix!r}")
+        for n, p in model.named_parameters():
+            if n in hits:
+                p.requires_grad_(False)
+        names += hits
+    return names
 
 
 def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
     model = load_weights(Path(cfg.init).expanduser(), strict=False) if cfg.init else build_model(get_config(cfg.model))
     model.to(world.device).train()
+    freeze(model, cfg.freeze)
     params, aux = split_parameters(model)
     net = model
     if world.size > 1:  # DDP broadcasts rank 0's parameters, so replicas start equal
@@ -104,7 +123,7 @@ def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
                                       broadcast_buffers=False)
         broadcast_from_main([p.data for p in model.parameters() if id(p) in ignored], world)  # DDP skipped them
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr)
+    aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr) if aux else None
 
     def lr_lambda(step: int) -> float:  # linear warmup, cosine decay to 10%
         if step < cfg.warmup:
@@ -118,8 +137,11 @@ def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:
         disc = MultiScaleDiscriminator().to(world.device).train()
         broadcast_from_main(list(disc.state_dict().values()), world)  # weights and power-iteration vectors
         d_optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
+    teacher = None
+    if cfg.teacher:
+        teacher = load_weights(Path(cfg.teacher).expanduser()).to(world.device).requires_grad_(False)
     return TrainState(model, optimizer, aux_optimizer, scheduler, world=world, net=net, disc=disc,
-                      d_optimizer=d_optimizer)
+                      d_optimizer=d_optimizer, teacher=teacher)
 
 
 def ramp(start: int, length: int, step: int) -> float:
@@ -146,13 +168,20 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.world.device.type == "cuda"):
         if cfg.av1_refs:
             key_step = None
-            out = state.net(None, x_prev, x_cur, decoded_refs=[batch[3], x_ref])  # oldest first
+            inputs = dict(x_ref=None, x_prev=x_prev, x_cur=x_cur, decoded_refs=[batch[3], x_ref])  # oldest first
         else:
             key_step = key_steps(cfg.key_step_max, x_ref.shape[0])
-            out = state.net(x_ref, x_prev, x_cur, key_step)
+            inputs = dict(x_ref=x_ref, x_prev=x_prev, x_cur=x_cur, key_step=key_step)
+        out = state.net(**inputs)
+        if state.teacher is not None:
+            with torch.no_grad():
+                target = state.teacher(**inputs).x_hat
     terms = rd_loss(out, x_cur, x_ref, w_token * cfg.lmbda_token, w_key * cfg.lmbda_key, w_key * cfg.msssim_weight,
                     key_step, cfg.hold_softmin if cfg.av1_refs else 0.0)
-    loss, gan_g = terms.loss, torch.zeros(())
+    loss, gan_g, distill = terms.loss, torch.zeros(()), torch.zeros(())
+    if state.teacher is not None:
+        distill = (out.x_hat - target).abs().mean()
+        loss = loss + cfg.distill_weight * distill
     if state.disc is not None and state.step >= cfg.gan_start:
         state.disc.requires_grad_(False)  # the frame's adversarial gradient must not train the discriminator
         gan_g = hinge_g_loss(state.disc(out.x_hat))
@@ -166,15 +195,16 @@ def train_step(state: TrainState, batch: Tensor, cfg: TrainConfig) -> StepMetric
     state.optimizer.step()
     state.scheduler.step()
     aux = model.aux_loss()
-    state.aux_optimizer.zero_grad(set_to_none=True)
-    aux.backward()
-    all_average([p.grad for p in state.aux_optimizer.param_groups[0]["params"]], state.world)
-    state.aux_optimizer.step()
+    if state.aux_optimizer is not None:
+        state.aux_optimizer.zero_grad(set_to_none=True)
+        aux.backward()
+        all_average([p.grad for p in state.aux_optimizer.param_groups[0]["params"]], state.world)
+        state.aux_optimizer.step()
     gan_d = discriminator_step(state, x_cur, out.x_hat.detach()) if state.disc is not None else 0.0
     state.step += 1
     return StepMetrics(state.step, state.scheduler.get_last_lr()[0], loss.item(), terms.psnr, terms.msssim,
                        terms.key_psnr, terms.bpp_token, terms.bpp_key, aux.item(), gan_g.item(), gan_d,
-                       time.perf_counter() - t0)
+                       distill.item(), time.perf_counter() - t0)
 
 
 def discriminator_step(state: TrainState, real: Tensor, fake: Tensor) -> float:
@@ -252,7 +282,7 @@ def save_checkpoint(state: TrainState, sampler: TripletSampler, cfg: TrainConfig
     torch.save({
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
-        "aux_optimizer": state.aux_optimizer.state_dict(),
+        "aux_optimizer": state.aux_optimizer.state_dict() if state.aux_optimizer is not None else {},
         "scheduler": state.scheduler.state_dict(),
         **({"discriminator": state.disc.state_dict(), "d_optimizer": state.d_optimizer.state_dict()}
            if state.disc is not None else {}),
@@ -269,7 +299,8 @@ def load_checkpoint(state: TrainState, sampler: TripletSampler, path: Path) -> N
     ckpt = torch.load(path, weights_only=True, map_location=state.world.device)
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+    if state.aux_optimizer is not None:
+        state.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.disc is not None and "discriminator" in ckpt:  # else the sharpening stage starts here: a fresh one
         state.disc.load_state_dict(ckpt["discriminator"])

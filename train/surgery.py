@@ -1,14 +1,15 @@
 """Start a new training stage from an older one's weights, with recorded edits.
 
     python -m train.surgery SOURCE OUT.safetensors [--locality SCALE=VALUE ...] [--token-step-factor F]
-        [--pixel-warp blend|flow] [--hold-mask]
+        [--pixel-warp blend|flow] [--hold-mask] [--channels C0,C1,C2,C3 --name NAME]
 
 SOURCE is a run's checkpoint.pt or a weights file. Modules the current code has and SOURCE lacks
 keep their initialisation (seeded, so the output is reproducible). The edits are the ones the
 default model's history needed (MODEL.md): relaxing one scale's attention locality, scaling
 the token quantization step, switching how the finest scale moves reference pixels (a config
-change with the same parameters), and adding D_F's hold mask (new parameters, initialised as
-`FrameDecoder` does).
+change with the same parameters), adding D_F's hold mask (new parameters, initialised as
+`FrameDecoder` does), and narrowing every scale to fewer channels (`train.shrink`, the start of
+the distilled fast preset).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from codec.nn.model import build_model
 from codec.nn.weights import load_weights, save_weights
 from train.export import checkpoint_model_config
+from train.shrink import shrink
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-step-factor", type=float, default=1.0)
     parser.add_argument("--pixel-warp", choices=["blend", "flow"], default=None)
     parser.add_argument("--hold-mask", action="store_true", help="add D_F's mask that holds the newest reference")
+    parser.add_argument("--channels", default=None, help="narrow to these channels per scale, fine to coarse (train.shrink)")
+    parser.add_argument("--name", default=None, help="the narrowed model's preset name")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.source.suffix == ".pt":
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         if result.missing_keys:
             print(f"new parameters, initialised: {result.missing_keys}")
         model = switched
+    if args.channels:
+        model = shrink(model, tuple(int(c) for c in args.channels.split(",")), args.name or model.cfg.name)
     with torch.no_grad():
         for edit in args.locality:
             scale, value = edit.split("=")

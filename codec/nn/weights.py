@@ -20,7 +20,8 @@ from safetensors import safe_open
 from codec.nn.config import IMFConfig, config_from_dict
 from codec.nn.model import IMFCodec, build_model
 
-DEFAULT_WEIGHTS = Path(__file__).parents[1] / "weights" / "default.safetensors"  # package data of codec/
+SHIPPED_DIR = Path(__file__).parents[1] / "weights"  # package data of codec/: one file per shipped model
+DEFAULT_WEIGHTS = SHIPPED_DIR / "default.safetensors"  # the model a plain `imfc encode` uses
 
 
 class WeightsError(Exception):
@@ -62,12 +63,35 @@ def read_config(path: Path) -> IMFConfig:
         raise WeightsError(f"{path}: not an imfc weights file ({e.__class__.__name__}: {e})") from None
 
 
-def load_weights(path: Path | None = None, strict: bool = True) -> IMFCodec:
-    """Load a weights file (default: the shipped model) into a fresh fp32 model in eval mode.
-    ``strict=False`` is for training only: modules the file lacks keep their initialisation."""
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+def shipped_models() -> list[str]:
+    """Names of the models that ship with the package ("default", "fast")."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))
+
+
+def weights_path(name_or_path: str | Path | None) -> Path:
+    """A weights file: None is the default model, a shipped model's name is its file (where no file
+    of that name exists), anything else a path."""
+    if name_or_path is None:
+        return SHIPPED_DIR / "default.safetensors"
+    path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in shipped_models():
+        return SHIPPED_DIR / f"{name_or_path}.safetensors"
+    return path
+
+
+def shipped_or_default(preset: str) -> Path:
+    """The shipped model a stream's header names, where one ships under that name, else the default
+    (whose model check then says which weights the stream needs)."""
+    return SHIPPED_DIR / f"{preset if preset in shipped_models() else 'default'}.safetensors"
+
+
+def load_weights(path: str | Path | None = None, strict: bool = True) -> IMFCodec:
+    """Load a weights file, or a shipped model by name (default: the default model), into a fresh
+    fp32 model in eval mode. ``strict=False`` is for training only: modules the file lacks keep
+    their initialisation."""
+    path = weights_path(path)
     if not path.exists():
-        raise WeightsError(f"{path}: no such weights file")
+        raise WeightsError(f"{path}: no such weights file (nor a shipped model: {', '.join(shipped_models())})")
     cfg = read_config(path)
     try:
         state = load_file(str(path))
