@@ -9,7 +9,7 @@ def test_stats_prints_budget(capsys):
     assert params * 2 / 1e6 == megabytes or abs(params * 2 / 1e6 - megabytes) < 0.01
     assert megabytes <= 20 and gflops <= 5
     assert stats.main([]) == 0  # no argument: every preset
-    assert {l.split()[0] for l in capsys.readouterr().out.splitlines()[1:]} == {"default", "tiny"}
+    assert {l.split()[0] for l in capsys.readouterr().out.splitlines()[1:]} == {"default", "fast", "tiny"}
 
 
 def test_cli_lists_commands_and_rejects_unknown(capsys):
