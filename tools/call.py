@@ -36,8 +36,9 @@ from tools.errors import run
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="signalling address (default %(default)s)")
     p.add_argument("--port", type=int, default=8765, help="signalling TCP port (default %(default)s)")
-    p.add_argument("--weights", type=Path, default=None, help="model weights: a file, or a shipped model by name, default or "
-                   "fast (default: default); both sides need the same")
+    # fast by default: the default model's synthesis does not fit a 25 fps frame on 2 cores (BENCHMARKS.md, "Session 15")
+    p.add_argument("--weights", type=Path, default="fast", help="model weights: a file, or a shipped model by name, "
+                   "default or fast (default: %(default)s, which keeps up with 25 fps on 2 cores); both sides need the same")
     p.add_argument("--loss", type=float, default=0.0, help="percent of this side's datagrams to drop")
     p.add_argument("--delay", type=float, default=0.0, help="one-way delay added to this side's datagrams, ms")
     p.add_argument("--jitter", type=float, default=0.0, help="extra random delay in [0, JITTER) ms per datagram")
