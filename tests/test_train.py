@@ -173,7 +173,7 @@ def test_train_end_to_end_and_export(cache_dir, tmp_path):
     with torch.no_grad():
         for p in reference.parameters():
             p.copy_(p.half().float())
-    reference.eval()
+    reference.to(memory_format=torch.channels_last).eval()  # as load_weights lays a model out
     x = [torch.rand(1, 3, 64, 64) for _ in range(3)]
     with torch.no_grad():
         assert torch.equal(model(*x).x_hat, reference(*x).x_hat)
