@@ -92,19 +92,17 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
             [p for p in aux if p.requires_grad])
 
 
-def freeze(model: nn.Module, prefixes: str) -> list[str]:
-    """Stop training the parameters whose names start with one of the comma-separated ``prefixes``;
-    returns their names. A prefix that names nothing is an error, not a silent no-op."""
-    names = []
-    for prefix in filter(None, (p.strip() for p in prefixes.split(","))):
-        hits = [n for n, p in model.named_parameters() if n.startswith(prefix)]
-        if not hits:
+def freeze(model: nn.Module, prefixes: str) -> None:
+    """Stop training the parameters whose names start with one of the comma-separated ``prefixes``.
+    A prefix that names nothing is an error, not a silent no-op."""
+    wanted = tuple(p.strip() for p in prefixes.split(",") if p.strip())
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in wanted:
+        if not any(n.startswith(prefix) for n in names):
             raise ValueError(f"freeze: no parameter starts with {prefix!r}")
-        for n, p in model.named_parameters():
-            if n in hits:
-                p.requires_grad_(False)
-        names += hits
-    return names
+    for n, p in model.named_parameters():
+        if wanted and n.startswith(wanted):
+            p.requires_grad_(False)
 
 
 def build_state(cfg: TrainConfig, world: World = SINGLE) -> TrainState:

@@ -59,7 +59,8 @@ def shrink(model: IMFCodec, channels: tuple[int, int, int, int], name: str) -> I
     wide_state = model.state_dict()
     state = {}
     for key, t in narrow.state_dict().items():
-        state[key] = _cut(key, wide_state[key], t.shape, model.cfg.channels, tuple(channels))
+        # the entropy coders' tables are empty until built: taken whole (they code the unchanged tokens)
+        wide = wide_state[key]
+        state[key] = wide if t.numel() == 0 else _cut(key, wide, t.shape, model.cfg.channels, tuple(channels))
     narrow.load_state_dict(state)
-    narrow.build_entropy_tables()
     return narrow.eval()

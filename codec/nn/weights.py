@@ -68,21 +68,23 @@ def shipped_models() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))
 
 
+def _shipped(name: str) -> Path:
+    return SHIPPED_DIR / f"{name}.safetensors"
+
+
 def weights_path(name_or_path: str | Path | None) -> Path:
     """A weights file: None is the default model, a shipped model's name is its file (where no file
     of that name exists), anything else a path."""
     if name_or_path is None:
-        return SHIPPED_DIR / "default.safetensors"
+        return _shipped("default")
     path = Path(name_or_path)
-    if not path.exists() and str(name_or_path) in shipped_models():
-        return SHIPPED_DIR / f"{name_or_path}.safetensors"
-    return path
+    return _shipped(str(name_or_path)) if not path.exists() and str(name_or_path) in shipped_models() else path
 
 
 def shipped_or_default(preset: str) -> Path:
     """The shipped model a stream's header names, where one ships under that name, else the default
-    (whose model check then says which weights the stream needs)."""
-    return SHIPPED_DIR / f"{preset if preset in shipped_models() else 'default'}.safetensors"
+    (whose model check then says which weights the stream needs). Never a path the header spells."""
+    return _shipped(preset if preset in shipped_models() else "default")
 
 
 def load_weights(path: str | Path | None = None, strict: bool = True) -> IMFCodec:
