@@ -24,6 +24,13 @@ from entropy.bitstream import BitstreamError
 
 MIN_CRF, MAX_CRF = 1, 63
 MIN_INTRA_OFFSET, MAX_INTRA_OFFSET = -64, 63  # SVT-AV1's key-frame-qindex-offset, as imfc allows it
+MIN_PRESET, MAX_PRESET = 0, 13  # SVT-AV1's presets: slower searches, fewer bits for the same picture
+# SVT-AV1's preset for a file's references (imfc encode --av1-preset): a slower search than a
+# real-time encoder's, fewer bytes for the same picture; measured in BENCHMARKS.md ("SVT-AV1's
+# preset"). A call keeps the real-time one (CALL_PRESET): a slow preset's stream takes a third of a
+# second to open, and a refresh after a loss opens a new one.
+DEFAULT_PRESET = 2
+CALL_PRESET = 8
 # Each packet SVT-AV1 gives starts with this OBU (type 2, empty), which marks where a temporal unit
 # begins in a raw stream. A reference packet is already one temporal unit and libdav1d decodes it
 # the same without one, so it is left out: 2 bytes of a 30-90 byte inter reference.
@@ -41,10 +48,13 @@ class Quantizer:
 
     crf: int
     intra_offset: int | None = None
+    preset: int = DEFAULT_PRESET
 
     def __post_init__(self) -> None:
         if not MIN_CRF <= self.crf <= MAX_CRF:
             raise ValueError(f"AV1 reference CRF must be {MIN_CRF} to {MAX_CRF}, not {self.crf}")
+        if not MIN_PRESET <= self.preset <= MAX_PRESET:
+            raise ValueError(f"SVT-AV1 preset must be {MIN_PRESET} to {MAX_PRESET}, not {self.preset}")
         if self.intra_offset is not None and not MIN_INTRA_OFFSET <= self.intra_offset <= MAX_INTRA_OFFSET:
             raise ValueError(f"intra qindex offset must be {MIN_INTRA_OFFSET} to {MAX_INTRA_OFFSET}, "
                              f"not {self.intra_offset}")
@@ -52,7 +62,7 @@ class Quantizer:
     def options(self) -> dict[str, str]:
         # keyint beyond any stream and no scene-cut detection: intra frames only where the caller asks
         params = "pred-struct=1:lookahead=0:keyint=-1:scd=0" + fixed_offset_params(self.intra_offset)
-        return {"crf": str(self.crf), "preset": "8", "svtav1-params": params}
+        return {"crf": str(self.crf), "preset": str(self.preset), "svtav1-params": params}
 
 
 def fixed_offset_params(intra_offset: int | None) -> str:
@@ -81,7 +91,7 @@ def crf_for_kbps(kbps: float) -> int:
 FIXED_OFFSETS_BELOW_KBPS = 5.0
 
 
-def quantizers_for_kbps(kbps: float) -> tuple[Quantizer, ...]:
+def quantizers_for_kbps(kbps: float, preset: int = DEFAULT_PRESET) -> tuple[Quantizer, ...]:
     """The quantizers a rate-controlled reference stream may start with, the dearest intra frame
     first: the encoder takes the first whose intra frame fits its budget (the last if none does).
 
@@ -95,8 +105,8 @@ def quantizers_for_kbps(kbps: float) -> tuple[Quantizer, ...]:
     VMAF, but the fixed offsets' curve ends near 5 kbps (references every other frame), where CRF
     mode's begins; imfc at --kbps 6 and 8 reached only 4.8 and 5.3 kbps with them (BENCHMARKS,
     "Fixed qindex offsets"). So from 5 kbps, SVT's CRF mode first, as before."""
-    fixed = tuple(Quantizer(MAX_CRF, o) for o in INTRA_OFFSETS)
-    return fixed if kbps < FIXED_OFFSETS_BELOW_KBPS else (Quantizer(crf_for_kbps(kbps)), *fixed)
+    fixed = tuple(Quantizer(MAX_CRF, o, preset) for o in INTRA_OFFSETS)
+    return fixed if kbps < FIXED_OFFSETS_BELOW_KBPS else (Quantizer(crf_for_kbps(kbps), None, preset), *fixed)
 
 
 def _upsample2(c: np.ndarray) -> np.ndarray:

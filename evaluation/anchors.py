@@ -7,7 +7,7 @@ keyframe at the start (keyframe interval longer than the clip, scene-cut detecti
 
 - libx264: preset medium, tune zerolatency (no lookahead, no frame threads), bf 0, CRF.
 - libx265: preset medium, tune zerolatency (bframes 0, no lookahead), scenecut 0, CRF.
-- SVT-AV1: preset 8, pred-struct 1 (SVT-AV1's low-delay prediction structure: every frame refers
+- SVT-AV1: preset 8 (``SVTAV1_PRESET``; the held anchors may take another), pred-struct 1 (SVT-AV1's low-delay prediction structure: every frame refers
   only to past frames), scd 0; its CRF runs as constant QP in low delay (SVT reports "CQP").
 
 Reduced anchors (`Reduced`, `reduced_round_trip`) are what a call application does when bits run
@@ -32,6 +32,11 @@ import numpy as np
 
 from codec.av1_reference import fixed_offset_params
 from codec.video_io import Box, crop_resize
+
+
+# SVT-AV1's preset for its anchors: a real-time setting for a call coding every frame, the one
+# issue 15's held anchor was measured at.
+SVTAV1_PRESET = 8
 
 
 class Anchor(enum.Enum):
@@ -68,7 +73,8 @@ class AnchorResult:
     decode_cpu_seconds: float
 
 
-def _options(anchor: Anchor, crf: int, frames: int, intra_offset: int | None = None) -> dict[str, str]:
+def _options(anchor: Anchor, crf: int, frames: int, intra_offset: int | None = None,
+             preset: int = SVTAV1_PRESET) -> dict[str, str]:
     keyint = str(frames + 1)  # one keyframe at the start, never another
     if anchor is Anchor.X264:
         return {"crf": str(crf), "preset": "medium", "tune": "zerolatency", "bf": "0", "g": keyint,
@@ -77,16 +83,17 @@ def _options(anchor: Anchor, crf: int, frames: int, intra_offset: int | None = N
         return {"crf": str(crf), "preset": "medium", "tune": "zerolatency",
                 "x265-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=0:log-level=error"}
     params = f"pred-struct=1:keyint={keyint}:scd=0" + fixed_offset_params(intra_offset)
-    return {"crf": str(crf), "preset": "8", "svtav1-params": params}
+    return {"crf": str(crf), "preset": str(preset), "svtav1-params": params}
 
 
 def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int, threads: int = 1,
-               intra_offset: int | None = None) -> AnchorResult:
+               intra_offset: int | None = None, preset: int = SVTAV1_PRESET) -> AnchorResult:
     """(H, W, 3) uint8 RGB frames (even H and W) -> stream bytes and decoded RGB frames.
     ``threads`` is the encoder's and the decoder's thread count (0: the library's choice).
-    ``intra_offset`` (SVT-AV1 only): fixed qindex offsets, the intra frame this far from the rest."""
-    if intra_offset is not None and anchor is not Anchor.SVTAV1:
-        raise ValueError(f"{anchor.value}: intra qindex offsets are SVT-AV1's")
+    ``intra_offset`` (SVT-AV1 only): fixed qindex offsets, the intra frame this far from the rest;
+    ``preset``: SVT-AV1's."""
+    if (intra_offset is not None or preset != SVTAV1_PRESET) and anchor is not Anchor.SVTAV1:
+        raise ValueError(f"{anchor.value}: intra qindex offsets and presets are SVT-AV1's")
     spec = SPECS[anchor]
     lo, hi = spec.crf_range
     if not lo <= crf <= hi:
@@ -99,7 +106,7 @@ def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int
     encoder.time_base = 1 / fps
     encoder.framerate = fps
     encoder.thread_count = threads
-    encoder.options = _options(anchor, crf, len(frames), intra_offset)
+    encoder.options = _options(anchor, crf, len(frames), intra_offset, preset)
     packets, encode_seconds = [], []
     cpu = time.process_time()
     for i, f in enumerate(frames):
@@ -136,11 +143,14 @@ class Reduced:
     until the next) and/or resolution (coded at ``size`` x ``size``, resized back with the same
     antialiased bicubic filter imfc's input goes through); ``intra_offset``: SVT-AV1's fixed qindex
     offsets instead of its CRF mode, every inter frame at the CRF's qindex and the intra frame this
-    far from it (imfc's own references below 5 kbps, `quantizers_for_kbps`)."""
+    far from it (imfc's own references below 5 kbps, `quantizers_for_kbps`); ``preset``: SVT-AV1's.
+    A stream at fps / K codes a frame only every K frames' time, so it can afford a slower preset
+    than one coding every frame, as imfc's references do (`codec.av1_reference.DEFAULT_PRESET`)."""
 
     every: int = 1
     size: int | None = None
     intra_offset: int | None = None
+    preset: int = SVTAV1_PRESET
 
     def __post_init__(self) -> None:
         if self.every < 1 or (self.size is not None and (self.size < 16 or self.size % 2)):
@@ -149,7 +159,9 @@ class Reduced:
     def codec(self, anchor: Anchor) -> str:
         """The label reports give this anchor's curve, e.g. "svtav1 held" or "svtav1 at 128"."""
         fixed = f", intra offset {self.intra_offset}" if self.intra_offset is not None else ""
-        return anchor.value + (f" at {self.size}" if self.size else "") + (" held" if self.every > 1 else "") + fixed
+        preset = f", preset {self.preset}" if self.preset != SVTAV1_PRESET else ""
+        return (anchor.value + (f" at {self.size}" if self.size else "") + (" held" if self.every > 1 else "")
+                + fixed + preset)
 
     def setting(self, crf: int) -> str:
         return (f"1 in {self.every}, " if self.every > 1 else "") + f"crf {crf}"
@@ -163,7 +175,7 @@ def reduced_round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, 
     coded = frames[::reduced.every]
     if reduced.size:
         coded = [crop_resize(f, Box(0, 0, size), reduced.size) for f in coded]
-    result = round_trip(anchor, coded, fps / reduced.every, crf, threads, reduced.intra_offset)
+    result = round_trip(anchor, coded, fps / reduced.every, crf, threads, reduced.intra_offset, reduced.preset)
     decoded = result.frames
     if reduced.size:
         decoded = [crop_resize(f, Box(0, 0, reduced.size), size) for f in decoded]

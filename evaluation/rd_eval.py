@@ -23,6 +23,7 @@ from evaluation.anchors import Anchor, Reduced, reduced_round_trip, round_trip
 from evaluation.metrics import FrameScores, score
 from codec.nn.model import IMFCodec
 from codec.pipeline import DEFAULT_BANK_SIZE, Encoder, EncoderSettings, pack_token_runs
+from codec.av1_reference import DEFAULT_PRESET
 from codec.video_io import VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
 from entropy.bitstream import REFERENCE_CHUNKS, Header, write_stream
@@ -117,7 +118,8 @@ def imfc_setting(s: EncoderSettings) -> str:
     bank = f", bank of {s.bank_size}" if s.bank_size != DEFAULT_BANK_SIZE[s.keyframe_codec] else ""
     if s.keyframe_codec == "av1":
         rate = f"{s.kbps:g} kbps target" if s.kbps else f"every {s.reference_interval}, crf {s.av1_crf}"
-        return f"av1 references, {rate}{bank}"
+        preset = f", preset {s.av1_preset}" if s.av1_preset != DEFAULT_PRESET else ""
+        return f"av1 references, {rate}{bank}{preset}"
     cap = f", cap {s.max_kbps:g} kbps" if s.max_kbps > 0 else ""
     repeat = "" if s.repeat_keyframe else ", no repeats"
     step = f", key step {s.keyframe_step:g}"

@@ -108,6 +108,25 @@ def intra_bytes(quantizer: Quantizer, frame: np.ndarray) -> int:
         encoder.close()
 
 
+def test_any_preset_codes_pictures_every_decoder_holds():
+    """The preset is the sender's search, not part of the stream: whichever it is, a fresh decoder
+    of the packets holds the encoder's own pictures; out of range is refused."""
+    frames = moving_square_clip(4, 64)
+    for preset in (8, 4):
+        encoder = ReferenceEncoder(64, Fraction(25), Quantizer(50, -32, preset))
+        decoder = ReferenceDecoder(64)
+        for i, f in enumerate(frames):
+            packet, held = encoder.code(f, intra=i == 0)
+            assert np.array_equal(decoder.decode(packet), held)
+        encoder.close()
+    assert all(q.preset == 2 for q in quantizers_for_kbps(3, 2) + quantizers_for_kbps(12, 2))
+    for bad in (-1, 14):
+        with pytest.raises(ValueError, match="preset"):
+            Quantizer(63, None, bad)
+        with pytest.raises(ValueError, match="preset"):
+            EncoderSettings(keyframe_codec="av1", av1_preset=bad)
+
+
 def test_quantizer_ladder_runs_from_dear_to_cheap_intra_frames():
     """Below 5 kbps only fixed qindex offsets at CRF 63, from 5 kbps CRF mode first."""
     frame = moving_square_clip(1, 64)[0]

@@ -153,9 +153,10 @@ def test_simulated_av1_call_and_its_bad_options(tiny_weights, clip, tmp_path, ca
     seconds = FRAMES / 25
     shown_as_sent = r["frames"] - r["held"] + min(r["sender_holds"], r["held"])
     assert r["as_sent_fps"] == pytest.approx(shown_as_sent / seconds) and r["as_sent_fps"] >= r["delivered_fps"]
-    for bad in (["--av1-crf", "70"], ["--kbps", "-1"], ["--reference-interval", "0"], ["--probe-interval", "-1"]):
+    for bad in (["--av1-crf", "70"], ["--kbps", "-1"], ["--reference-interval", "0"], ["--probe-interval", "-1"],
+                ["--av1-preset", "14"]):
         with pytest.raises(SystemExit) as exit_info:
             call_main([*args, *bad])
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "AV1 CRF" in err and "--kbps" in err
+    assert "AV1 CRF" in err and "--kbps" in err and "SVT-AV1 preset must be 0 to 13" in err

@@ -62,22 +62,31 @@ def test_fixed_qindex_offsets_make_the_inter_frames_cheaper():
     fixed = reduced_round_trip(Anchor.SVTAV1, frames, Fraction(25), 63, Reduced(every=2, intra_offset=0))
     assert len(fixed.frames) == 16 and fixed.bytes < crf_mode.bytes
     assert Reduced(every=2, intra_offset=-32).codec(Anchor.SVTAV1) == "svtav1 held, intra offset -32"
-    with pytest.raises(ValueError, match="SVT-AV1"):
-        round_trip(Anchor.X264, frames, Fraction(25), 40, intra_offset=0)
+    assert Reduced(every=2, preset=4).codec(Anchor.SVTAV1) == "svtav1 held, preset 4"
+    for options in ({"intra_offset": 0}, {"preset": 4}):
+        with pytest.raises(ValueError, match="SVT-AV1"):
+            round_trip(Anchor.X264, frames, Fraction(25), 40, **options)
 
 
 def test_eval_with_reduced_anchors(tiny_weights, synthetic_video, tmp_path):
     out = tmp_path / "result"
     args = [str(synthetic_video), "--out", str(out), "--weights", str(tiny_weights), "--frames", str(FRAMES),
             "--imfc-points", "0:250,0:2", "--x264-crf", "", "--x265-crf", "", "--svtav1-crf", "", "--held", "2,3",
-            "--held-crf", "63,50", "--held-offsets", "-32", "--small", "32", "--small-crf", "63,50", "--no-vmaf", "-q"]
+            "--held-crf", "63,50", "--held-offsets", "-32", "--held-preset", "8,6", "--small", "32", "--small-crf", "63,50",
+            "--no-vmaf", "-q"]
     assert eval_tool.main(args) == 0
     data = json.loads((out / "points.json").read_text())
     settings = {(p["codec"], p["setting"]) for p in data["points"] if p["codec"] != "imfc"}
-    assert settings == {("svtav1 held", f"1 in {k}, crf {c}") for k in (2, 3) for c in (63, 50)} | {
+    expected = {("svtav1 held", f"1 in {k}, crf {c}") for k in (2, 3) for c in (63, 50)} | {
         ("svtav1 at 32", f"crf {c}") for c in (63, 50)} | {("svtav1 held, intra offset -32", f"1 in {k}, crf 63") for k in (2, 3)}
-    assert {e["anchor"] for e in data["bd_rate"]} == {"svtav1 held", "svtav1 held, intra offset -32", "svtav1 at 32"}
-    assert "1 in K frames coded (K = 2, 3" in (out / "summary.md").read_text()
+    assert settings == expected | {(codec + ", preset 6", setting) for codec, setting in expected}
+    assert {e["anchor"] for e in data["bd_rate"]} == {"svtav1 held", "svtav1 held, intra offset -32", "svtav1 at 32",
+                                                      "svtav1 held, preset 6", "svtav1 held, intra offset -32, preset 6",
+                                                      "svtav1 at 32, preset 6"}
+    summary = (out / "summary.md").read_text()
+    assert "1 in K frames coded (K = 2, 3" in summary and "preset 6 (not 8)" in summary
+    with pytest.raises(SystemExit):
+        eval_tool.main([*args, "--held-preset", "14"])
 
 
 def test_anchor_rejects_bad_crf():

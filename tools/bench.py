@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from codec.av1_reference import CALL_PRESET, DEFAULT_PRESET, MAX_PRESET, MIN_PRESET
 from codec.pipeline import KEYFRAME_CODECS, EncoderSettings
 from evaluation.profile import profile_coding, profile_tables
 from evaluation.rd_eval import load_clip
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="how references are coded, as in imfc encode (default %(default)s)")
     parser.add_argument("--kbps", type=float, default=DEFAULT_KBPS,
                         help="AV1 references: the rate target, as in imfc encode (default %(default)s)")
+    parser.add_argument("--av1-preset", type=int, default=CALL_PRESET,
+                        help=f"AV1 references: SVT-AV1's preset (default %(default)s, a call's; imfc encode's files "
+                             f"use {DEFAULT_PRESET}, a slower search)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--profile", action="store_true",
                         help="also profile encode and decode (torch.profiler, at the first thread count): CPU time "
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.frames < 2 or not args.threads or min(args.threads) < 1:
         parser.error("--frames must be >= 2 and --threads positive")
+    if not MIN_PRESET <= args.av1_preset <= MAX_PRESET:
+        parser.error(f"--av1-preset must be {MIN_PRESET} to {MAX_PRESET}")
 
     def action() -> int:
         probe(args.input)
@@ -88,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_weights(args.weights)
         load_seconds = time.perf_counter() - start
         av1 = args.keyframe_codec == "av1"
-        settings = EncoderSettings(keyframe_codec=args.keyframe_codec, kbps=args.kbps if av1 else 0.0)
+        settings = EncoderSettings(keyframe_codec=args.keyframe_codec, kbps=args.kbps if av1 else 0.0,
+                                   av1_preset=args.av1_preset)
         clip = load_clip(args.input, model.cfg.resolution, args.frames)
         rows = []
         for t in args.threads:
@@ -104,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"{os.cpu_count()} logical cores; torch {torch.__version__}; load average {load_before[0]:.2f} before, "
                  f"{load_after[0]:.2f} after (other work on the machine slows every row alike only roughly)."), "",
                  (f"imfc model `{model.cfg.name}` {model_id(model).hex()}, "
-                  + (f"AV1 references at --kbps {settings.kbps:g} (bank of {settings.bank_size}), the default of imfc "
-                     f"encode" if av1 else
+                  + (f"AV1 references at --kbps {settings.kbps:g} (bank of {settings.bank_size}, SVT-AV1 preset "
+                     f"{settings.av1_preset}: " + ("a call's" if settings.av1_preset == CALL_PRESET else
+                                                   "imfc encode's" if settings.av1_preset == DEFAULT_PRESET else
+                                                   "neither imfc encode's nor a call's") + ")" if av1 else
                      f"learned keyframes (quality floor {settings.quality_floor:g} dB, keyframe cap "
                      f"{settings.max_kbps:g} kbps, keyframe step {settings.keyframe_step:g}, keyframe at most every "
                      f"{settings.max_keyframe_interval} frames)")

@@ -63,6 +63,8 @@ def add_coding(p: argparse.ArgumentParser, defaults: SenderSettings) -> None:
                         "every --reference-interval frames at --av1-crf (default %(default)g)")
     p.add_argument("--av1-crf", type=int, default=defaults.av1_crf, help="AV1 references without --kbps: "
                    "their SVT-AV1 CRF, 1-63 (default %(default)s)")
+    p.add_argument("--av1-preset", type=int, default=defaults.av1_preset,
+                   help="AV1 references: SVT-AV1's preset, 0 (slowest, fewest bytes) to 13 (default %(default)s)")
     p.add_argument("--reference-interval", type=int, default=defaults.reference_interval,
                    help="AV1 references without --kbps: frames from one to the next (default %(default)s)")
     p.add_argument("--intra-interval", type=int, default=defaults.intra_interval,
@@ -77,7 +79,7 @@ def sender_settings(args: argparse.Namespace) -> SenderSettings:
     return SenderSettings(args.quality_floor, args.max_keyframe_interval, args.bank_size, max_kbps=args.max_kbps,
                           keyframe_step=args.keyframe_step, keyframe_codec=args.keyframe_codec, kbps=args.kbps,
                           reference_interval=args.reference_interval, av1_crf=args.av1_crf,
-                          intra_interval=args.intra_interval, probe_interval=args.probe_interval)
+                          av1_preset=args.av1_preset, intra_interval=args.intra_interval, probe_interval=args.probe_interval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"keyframes: the --max-kbps cap)")
     parser.add_argument("--av1-crf", type=int, default=defaults.av1_crf,
                         help="AV1 references without --kbps: their SVT-AV1 CRF, 1-63 (default %(default)s)")
+    parser.add_argument("--av1-preset", type=int, default=defaults.av1_preset,
+                        help="AV1 references: SVT-AV1's preset, 0 (slowest search, fewest bytes) to 13; the "
+                             "stream decodes the same whichever (default %(default)s)")
     parser.add_argument("--reference-interval", type=int, default=defaults.reference_interval,
                         help="AV1 references without --kbps: frames from one to the next (default %(default)s)")
     parser.add_argument("--intra-interval", type=int, default=defaults.intra_interval,
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             args.kbps if args.kbps is not None and codec == "learned" else args.max_kbps,
             repeat_keyframe=not args.no_repeat, keyframe_step=args.keyframe_step, keyframe_codec=codec,
             kbps=kbps if codec == "av1" else 0.0, reference_interval=args.reference_interval,
-            av1_crf=args.av1_crf, intra_interval=args.intra_interval, probe_interval=args.probe_interval)
+            av1_crf=args.av1_crf, av1_preset=args.av1_preset, intra_interval=args.intra_interval,
+            probe_interval=args.probe_interval)
     except ValueError as e:
         parser.error(str(e))
 

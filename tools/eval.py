@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.anchors import SPECS, Anchor, Reduced
+from evaluation.anchors import SPECS, SVTAV1_PRESET, Anchor, Reduced
 from evaluation.metrics import MetricError, vmaf_available
-from codec.av1_reference import MAX_INTRA_OFFSET, MIN_INTRA_OFFSET
+from codec.av1_reference import DEFAULT_PRESET, MAX_INTRA_OFFSET, MAX_PRESET, MIN_INTRA_OFFSET, MIN_PRESET
 from codec.pipeline import MAX_BANK, EncoderSettings
 from evaluation.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
 from evaluation.rd_report import read_anchor_points, side_by_side, write_report
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the held anchors at CRF 63 with SVT-AV1's fixed qindex offsets (imfc's own "
                              "references below 5 kbps), the intra frame at each of these offsets "
                              f"(default {','.join(map(str, held_offsets))}; empty to skip)")
+    parser.add_argument("--held-preset", type=int_list, default=(SVTAV1_PRESET,),
+                        help="SVT-AV1 presets of the held and small anchors, 0 (slowest) to 13; each adds a curve "
+                             f"(default {SVTAV1_PRESET}, a real-time setting; imfc's references use "
+                             f"{DEFAULT_PRESET}, --av1-preset)")
     parser.add_argument("--small", type=int, default=small,
                         help=f"SVT-AV1 at this size, upscaled back (default {small}; 0 to skip)")
     parser.add_argument("--small-crf", type=int_list, default=small_crf,
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--imfc-points, e.g. 1.5,2,3,4,6,8")
     parser.add_argument("--bank-size", type=int, default=None,
                         help="references the decoder keeps, for the --kbps points (default: AV1's, 1)")
+    parser.add_argument("--av1-preset", type=int, default=DEFAULT_PRESET,
+                        help="SVT-AV1 preset of imfc's references, for the --kbps points (default %(default)s)")
     parser.add_argument("--no-repeat", action="store_true",
                         help="imfc synthesizes every token frame, never repeating a keyframe's picture")
     parser.add_argument("--anchors-from", type=Path, default=None, metavar="POINTS_JSON",
@@ -137,14 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--held-offsets values must be in {MIN_INTRA_OFFSET}..{MAX_INTRA_OFFSET}")
     torch.set_num_threads(max(1, args.threads))
     anchors = [(a, getattr(args, f"{a.value}_crf")) for a in Anchor if getattr(args, f"{a.value}_crf")]
-    reduced = [(Anchor.SVTAV1, Reduced(every=k), args.held_crf) for k in args.held if args.held_crf]
-    reduced += [(Anchor.SVTAV1, Reduced(every=k, intra_offset=o), (63,)) for o in args.held_offsets for k in args.held]
-    reduced += [(Anchor.SVTAV1, Reduced(size=args.small), args.small_crf)] if args.small and args.small_crf else []
+    if any(not MIN_PRESET <= p <= MAX_PRESET for p in args.held_preset + (args.av1_preset,)):
+        parser.error(f"--held-preset and --av1-preset values must be in {MIN_PRESET}..{MAX_PRESET}")
+    reduced = []
+    for p in args.held_preset:
+        reduced += [(Anchor.SVTAV1, Reduced(every=k, preset=p), args.held_crf) for k in args.held if args.held_crf]
+        reduced += [(Anchor.SVTAV1, Reduced(every=k, intra_offset=o, preset=p), (63,))
+                    for o in args.held_offsets for k in args.held]
+        reduced += [(Anchor.SVTAV1, Reduced(size=args.small, preset=p), args.small_crf)] if args.small and args.small_crf else []
     if any(r <= 0 for r in args.kbps):
         parser.error("--kbps values must be positive")
     if args.bank_size is not None and not 1 <= args.bank_size <= MAX_BANK:
         parser.error(f"--bank-size must be 1 to {MAX_BANK}")
-    points = [EncoderSettings(keyframe_codec="av1", kbps=r, bank_size=args.bank_size) for r in args.kbps] or args.imfc_points
+    points = [EncoderSettings(keyframe_codec="av1", kbps=r, bank_size=args.bank_size, av1_preset=args.av1_preset)
+              for r in args.kbps] or args.imfc_points
     imfc = [replace(p, repeat_keyframe=not args.no_repeat) for p in points]
 
     def action() -> int:
@@ -199,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "fps / K), each decoded frame held until the next" + (
                                             f"; fixed qindex offsets, the intra frame at {r.intra_offset}"
                                             if r.intra_offset is not None else "") if r.every > 1 else
-                                        f"coded at {r.size}x{r.size} (antialiased bicubic down and up)")
+                                        f"coded at {r.size}x{r.size} (antialiased bicubic down and up)") + (
+                                        f"; preset {r.preset} (not {SVTAV1_PRESET})" if r.preset != SVTAV1_PRESET else "")
                                        for a, r, _ in reduced}},
                 "seconds": round(time.perf_counter() - start, 1),
                 "clips": [str(p) for p in args.clips],
