@@ -82,9 +82,12 @@ def crf_for_kbps(kbps: float) -> int:
     """The references' CRF for a rate target. A talking head is better served by coarse references
     often than by fine ones seldom: on the 12 validation clips the held anchor at CRF 63 beats CRF
     55 at every rate up to references every other frame (1 in 4 at CRF 63: 6.5 kbps, MS-SSIM 0.876;
-    1 in 12 at CRF 55: 7.8 kbps, 0.811), about 9 kbps, where references can come no closer
-    (BENCHMARKS, "AV1 references"). So CRF 63 below 10 kbps, then finer."""
-    return 63 if kbps < 10 else 55 if kbps < 20 else 50
+    1 in 12 at CRF 55: 7.8 kbps, 0.811; BENCHMARKS, "AV1 references"). imfc's own references at
+    CRF 63 and preset 2 reach about 8 kbps (--kbps 12 spent 7.4 kbps for MS-SSIM 0.913, VMAF 44.5;
+    --kbps 16 7.8 kbps for 0.920, 45.9), where CRF 55 at --kbps 12 spent 9.6 kbps for 0.894, 51.0:
+    fewer bits for more MS-SSIM, and on the same line in VMAF and PSNR (BENCHMARKS, "SVT-AV1's
+    preset"). So CRF 63 below 16 kbps, then finer, to spend more."""
+    return 63 if kbps < 16 else 55 if kbps < 20 else 50
 
 
 # Below this rate target, references with fixed qindex offsets (quantizers_for_kbps).
