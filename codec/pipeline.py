@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from codec.av1_reference import CALL_PRESET, DEFAULT_PRESET, MAX_CRF, MAX_PRESET, MIN_CRF, MIN_PRESET, Quantizer, ReferenceDecoder, ReferenceEncoder, quantizers_for_kbps
+from codec.av1_reference import (CALL_PRESET, DEFAULT_PRESET, MAX_CRF, MAX_PRESET, MIN_CRF, MIN_PRESET, Quantizer,
+                                 ReferenceDecoder, ReferenceEncoder, quantizers_for_kbps)
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
 from codec.video_io import to_tensor, to_uint8
@@ -545,7 +546,8 @@ class Encoder:
 
 
 def start_reference_stream(size: int, fps: Fraction, picture: np.ndarray, crf: int, kbps: float,
-                           budget_bits: float | None, preset: int = DEFAULT_PRESET) -> tuple[ReferenceEncoder, bytes, np.ndarray]:
+                           budget_bits: float | None,
+                           preset: int = DEFAULT_PRESET) -> tuple[ReferenceEncoder, bytes, np.ndarray]:
     """The AV1 stream and its first, intra reference -> (encoder, packet, decoded picture). Without
     a budget (no rate target), CRF mode at ``crf``; with one, the first of quantizers_for_kbps(kbps)
     whose intra frame fits ``budget_bits`` (the cheapest if none does). ``preset``: SVT-AV1's.

@@ -7,8 +7,9 @@ keyframe at the start (keyframe interval longer than the clip, scene-cut detecti
 
 - libx264: preset medium, tune zerolatency (no lookahead, no frame threads), bf 0, CRF.
 - libx265: preset medium, tune zerolatency (bframes 0, no lookahead), scenecut 0, CRF.
-- SVT-AV1: preset 8 (``SVTAV1_PRESET``; the held anchors may take another), pred-struct 1 (SVT-AV1's low-delay prediction structure: every frame refers
-  only to past frames), scd 0; its CRF runs as constant QP in low delay (SVT reports "CQP").
+- SVT-AV1: preset 8 (``SVTAV1_PRESET``; the reduced anchors may take another), pred-struct 1
+  (SVT-AV1's low-delay prediction structure: every frame refers only to past frames), scd 0; its
+  CRF runs as constant QP in low delay (SVT reports "CQP").
 
 Reduced anchors (`Reduced`, `reduced_round_trip`) are what a call application does when bits run
 out: code every K-th frame and hold each decoded frame until the next (the stream at fps / K), or

@@ -17,7 +17,8 @@ from PIL import Image
 from codec.av1_reference import TEMPORAL_DELIMITER, Quantizer, ReferenceDecoder, ReferenceEncoder, quantizers_for_kbps, yuv420_to_rgb
 from codec.files import encode_file, read_bitstream
 from codec.nn.weights import load_weights
-from codec.pipeline import Decoder, Encoder, EncoderSettings, RateControl, SynthesisGate, pack_token_runs
+from codec.pipeline import (Decoder, Encoder, EncoderSettings, RateControl, SynthesisGate, pack_token_runs,
+                            start_reference_stream)
 from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from entropy.bitstream import Av1ReferencesPayload, BitstreamError, ChunkType, Header, read_stream, write_stream
 from tests.conftest import moving_square_clip
@@ -136,6 +137,19 @@ def test_quantizer_ladder_runs_from_dear_to_cheap_intra_frames():
     assert quantizers_for_kbps(6)[0] == quantizers_for_kbps(12)[0] == Quantizer(63)
     sizes = [intra_bytes(q, frame) for q in high]
     assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+
+
+def test_a_slow_presets_stream_opens_once_on_the_rung_a_real_time_trial_chose():
+    """The intra ladder is tried at preset 8, then the stream is opened at the asked preset on the
+    first rung whose trial fitted; every decoder holds its first picture."""
+    frame = moving_square_clip(1, 64)[0]
+    ladder = quantizers_for_kbps(3, 2)
+    trial_bytes = [intra_bytes(replace(q, preset=8), frame) for q in ladder[:2]]
+    assert trial_bytes[0] > trial_bytes[1]
+    encoder, packet, picture = start_reference_stream(64, Fraction(25), frame, 63, 3, 8 * trial_bytes[1], preset=2)
+    assert encoder.quantizer == ladder[1] and encoder.quantizer.preset == 2
+    assert np.array_equal(ReferenceDecoder(64).decode(packet), picture)
+    encoder.close()
 
 
 @pytest.mark.parametrize("packet, message", [
