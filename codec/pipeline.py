@@ -39,8 +39,8 @@ from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
 from codec.video_io import to_tensor, to_uint8
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_BANK, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, BitstreamError, Chunk, ChunkType,
-    KeyframePayload, RepeatPayload, TokenRunPayload,
+    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_BANK, MAX_RUN_FRAMES, SELF_DELIMITING_SINCE, VERSION,
+    Av1ReferencesPayload, BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload,
 )
 
 KEYFRAME_CODECS = ("learned", "av1")
@@ -578,13 +578,15 @@ def _chain_start(state: CodecState, u: Tensor) -> Tensor:
     return state.u_prev_hat if state.u_prev_hat is not None else torch.zeros_like(u)
 
 
-def pack_token_runs(model: IMFCodec, chunks: list[Chunk], lazy_reference_tokens: bool = True) -> list[Chunk]:
+def pack_token_runs(model: IMFCodec, chunks: list[Chunk], version: int = VERSION) -> list[Chunk]:
     """Each run of FRAME chunks -> one TOKEN_RUN chunk with the same token deltas, so the run pays
     the rANS flush and the chunk framing once (a token frame's ~2 bytes of information came with
     ~12 bytes of both); each run of REPEAT chunks -> one REPEAT of all their frames. From an
     AV1_REFERENCES chunk on, the AV1 references and the FRAME and REPEAT chunks between them go
     into one AV1_REFERENCES chunk, their deltas into its one token stream. Runs longer than
-    MAX_RUN_FRAMES continue in a new chunk. ``lazy_reference_tokens``: the Encoder's own."""
+    MAX_RUN_FRAMES continue in a new chunk. ``version``: the stream's format, which the Encoder's
+    lazy_reference_tokens must match (False before version 6)."""
+    lazy_reference_tokens = version >= LAZY_REFERENCE_TOKENS_SINCE
     out: list[Chunk] = []
     run: list[Tensor] = []  # the open TOKEN_RUN's deltas, one (1 or 2, d) entry per frame
     group: dict = {}  # the open AV1_REFERENCES chunk: frames, references, modes, deltas
@@ -598,12 +600,12 @@ def pack_token_runs(model: IMFCodec, chunks: list[Chunk], lazy_reference_tokens:
         if group:
             deltas = model.compress_deltas(torch.cat(group["deltas"])) if group["deltas"] else b""
             payload = Av1ReferencesPayload(group["frames"], tuple(group["references"]), tuple(group["modes"]), deltas)
-            out.append(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()))
+            out.append(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes(version >= SELF_DELIMITING_SINCE)))
             group.clear()
 
     for chunk in chunks:
         if chunk.type == ChunkType.AV1_REFERENCES:
-            p = Av1ReferencesPayload.from_bytes(chunk.payload, lazy_reference_tokens)
+            p = Av1ReferencesPayload.from_bytes(chunk.payload, lazy_reference_tokens, compact=True)  # the Encoder's
             if not group or group["frames"] + p.frames > MAX_RUN_FRAMES:
                 flush()
                 group.update(frames=0, references=[], modes=[], deltas=[])
@@ -661,6 +663,7 @@ class Decoder:
         self.model = model.eval()
         self.keyframe_steps = version >= KEYFRAME_STEP_SINCE
         self.lazy_reference_tokens = version >= LAZY_REFERENCE_TOKENS_SINCE
+        self.self_delimiting = version >= SELF_DELIMITING_SINCE
         self.resolution = resolution
         self.bank_size = bank_size
         self.state = CodecState()
@@ -674,7 +677,8 @@ class Decoder:
                 yield self._repeat()
             return
         if chunk.type == ChunkType.AV1_REFERENCES:
-            yield from self._av1_references(Av1ReferencesPayload.from_bytes(chunk.payload, self.lazy_reference_tokens))
+            yield from self._av1_references(Av1ReferencesPayload.from_bytes(chunk.payload, self.lazy_reference_tokens,
+                                                                             self.self_delimiting))
             return
         if chunk.type != ChunkType.TOKEN_RUN:
             yield self.decode(chunk)

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Iterator
 
 MAGIC = b"IMFC"
-VERSION = 6  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references, 6 their tokens
-# sent only where used; older streams still read
+VERSION = 7  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references, 6 their tokens
+# sent only where used, 7 AV1 packets without their lengths and no mode bits without token frames;
+# older streams still read
 KEYFRAME_STEP_SINCE = 4
 AV1_REFERENCES_SINCE = 5
 LAZY_REFERENCE_TOKENS_SINCE = 6
+SELF_DELIMITING_SINCE = 7
+OBU_FRAME = 6  # AV1's frame OBU (a frame header and its tile group): the last OBU of an imfc reference packet
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
 
@@ -187,7 +190,7 @@ class Chunk:
         if self.type == ChunkType.REPEAT:
             return RepeatPayload.from_bytes(self.payload).frames
         if self.type == ChunkType.AV1_REFERENCES:
-            return Av1ReferencesPayload.from_bytes(self.payload, lazy=None).frames
+            return Av1ReferencesPayload.frame_count(self.payload)
         return 1
 
     def to_bytes(self) -> bytes:
@@ -356,32 +359,46 @@ class Av1ReferencesPayload:
                 used.append(newest)
         return used
 
-    def to_bytes(self) -> bytes:
+    @staticmethod
+    def frame_count(payload: bytes) -> int:
+        """The frames of a payload of any version (its first field), checked against the limit."""
+        frames, _ = _read_varint(payload, 0)
+        if not 1 <= frames <= MAX_RUN_FRAMES:
+            raise BitstreamError(f"AV1 references over {frames} frames (1 to {MAX_RUN_FRAMES})")
+        return frames
+
+    def to_bytes(self, compact: bool = True) -> bytes:
+        """``compact`` (version 7): each packet without its length (it ends with its frame OBU:
+        `av1_packet_end`) and, where no frame is a token frame, no mode bits."""
         positions = [i for i, _ in self.references]
         if (not self.references or positions[0] != 0 or positions != sorted(set(positions)) or positions[-1] >= self.frames
                 or len(self.modes) != self.frames - len(positions) or self.frames > MAX_RUN_FRAMES
                 or not all(p for _, p in self.references)):
             raise ValueError("malformed AV1 references payload")
+        if compact and any(av1_packet_end(p, 0) != len(p) for _, p in self.references):
+            raise ValueError("an AV1 packet that does not end with its one frame OBU needs its length")
         out = bytearray(_varint(self.frames) + _varint(len(self.references)))
         previous = 0
         for i, packet in self.references:
-            out += _varint(i - previous) + _varint(len(packet)) + packet
+            out += _varint(i - previous) + (b"" if compact else _varint(len(packet))) + packet
             previous = i
         bits = bytearray((len(self.modes) + 7) // 8)
         for i, token in enumerate(self.modes):
             bits[i // 8] |= token << (i % 8)
+        if compact:
+            bits = _varint(sum(self.modes)) + (bits if any(self.modes) else b"")
         return bytes(out + bits) + self.tokens
 
     @staticmethod
-    def from_bytes(payload: bytes, lazy: bool | None = False) -> "Av1ReferencesPayload":
+    def from_bytes(payload: bytes, lazy: bool | None = False, compact: bool = False) -> "Av1ReferencesPayload":
         """``lazy``: version 6's tokens, where a chunk of references and repeats alone has none;
-        None: whichever (the frame count, before the stream's version is known)."""
+        None: whichever (the tokens not checked against the frames); ``compact``: version 7's
+        layout (to_bytes)."""
         def bad(what: str) -> BitstreamError:
             return BitstreamError(f"malformed AV1 references ({what})")
 
-        frames, pos = _read_varint(payload, 0)
-        if not 1 <= frames <= MAX_RUN_FRAMES:
-            raise BitstreamError(f"AV1 references over {frames} frames (1 to {MAX_RUN_FRAMES})")
+        frames = Av1ReferencesPayload.frame_count(payload)
+        _, pos = _read_varint(payload, 0)
         count, pos = _read_varint(payload, pos)
         if not 1 <= count <= frames:
             raise bad(f"{count} references in {frames} frames")
@@ -391,24 +408,77 @@ class Av1ReferencesPayload:
             if (gap == 0) != (k == 0) or index + gap >= frames:
                 raise bad("reference positions")
             index += gap
-            n, pos = _read_varint(payload, pos)
-            if n == 0 or pos + n > len(payload):
-                raise bad("packet length")
-            references.append((index, payload[pos:pos + n]))
-            pos += n
+            if compact:
+                end = av1_packet_end(payload, pos)
+            else:
+                n, pos = _read_varint(payload, pos)
+                if n == 0 or pos + n > len(payload):
+                    raise bad("packet length")
+                end = pos + n
+            references.append((index, payload[pos:end]))
+            pos = end
         others = frames - count
         width = (others + 7) // 8
+        if compact:
+            token_frames, pos = _read_varint(payload, pos)
+            if token_frames > others:
+                raise bad(f"{token_frames} token frames of {others}")
+            width = width if token_frames else 0
         bits = payload[pos:pos + width]
         if len(bits) < width:
             raise bad("truncated frame modes")
         if width and bits[-1] >> (others % 8 or 8):
             raise bad("frame mode bits past its frames")
         tokens = payload[pos + width:]
-        modes = tuple(bool(bits[i // 8] >> (i % 8) & 1) for i in range(others))
+        modes = tuple(bool(bits[i // 8] >> (i % 8) & 1) for i in range(others)) if width else (False,) * others
+        if compact and sum(modes) != token_frames:
+            raise bad(f"{sum(modes)} token frame bits, {token_frames} token frames announced")
         out = Av1ReferencesPayload(frames, tuple(references), modes, tokens)
         if lazy is not None and bool(tokens) != bool(out.token_count(lazy)):
             raise bad("no tokens" if tokens == b"" else "tokens where no token is sent")
         return out
+
+
+OBU_SEQUENCE_HEADER = 1
+
+
+def iter_obus(data: bytes, pos: int = 0) -> Iterator[tuple[int, int]]:
+    """The OBUs of AV1 data from ``pos`` (low-overhead format, each with its size field, as SVT-AV1
+    writes them) -> (OBU type, position after it), one by one. Raises BitstreamError on an OBU
+    without its size, with the forbidden bit, or running past the data."""
+    def bad(what: str) -> BitstreamError:
+        return BitstreamError(f"malformed AV1 packet ({what})")
+
+    while pos < len(data):
+        h = data[pos]
+        if h & 0x80 or not h & 0x02:
+            raise bad("forbidden bit set" if h & 0x80 else "an OBU without its size")
+        pos += 2 if h & 0x04 else 1  # the extension byte, where there is one
+        size = 0
+        for i in range(8):  # leb128, at most 8 bytes (AV1 allows padded forms)
+            if pos >= len(data):
+                raise bad("truncated OBU size")
+            byte = data[pos]
+            pos += 1
+            size |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                break
+        else:
+            raise bad("OBU size over 8 bytes")
+        if size > len(data) - pos:
+            raise bad("OBU past the payload's end")
+        pos += size
+        yield h >> 3 & 0x0F, pos
+
+
+def av1_packet_end(data: bytes, pos: int) -> int:
+    """Where the AV1 packet at ``pos`` ends: after its first frame OBU. An imfc reference packet is
+    a sequence header (intra frames only) and one frame OBU, so from version 7 it needs no length.
+    Raises BitstreamError."""
+    for kind, end in iter_obus(data, pos):
+        if kind == OBU_FRAME:
+            return end
+    raise BitstreamError("malformed AV1 packet (no frame OBU)")
 
 
 def write_stream(header: Header, chunks: list[Chunk]) -> bytes:
@@ -429,7 +499,8 @@ def read_stream(data: bytes) -> tuple[Header, list[Chunk]]:
             if c.type == ChunkType.KEYFRAME:
                 KeyframePayload.from_bytes(c.payload, header.version >= KEYFRAME_STEP_SINCE)
             if c.type == ChunkType.AV1_REFERENCES:
-                Av1ReferencesPayload.from_bytes(c.payload, header.version >= LAZY_REFERENCE_TOKENS_SINCE)
+                Av1ReferencesPayload.from_bytes(c.payload, header.version >= LAZY_REFERENCE_TOKENS_SINCE,
+                                                header.version >= SELF_DELIMITING_SINCE)
             frames += c.frames
         except BitstreamError as e:
             raise BitstreamError(f"chunk {i}{c.where}: {e}") from None

@@ -44,7 +44,7 @@ from codec.video_io import to_tensor
 from entropy import bitstream
 from entropy import packet as pk
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, VERSION, Av1ReferencesPayload, ChunkType, Header,
+    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, SELF_DELIMITING_SINCE, VERSION, Av1ReferencesPayload, ChunkType, Header,
     KeyframePayload, read_file, read_stream, write_stream,
 )
 from tests.conftest import moving_square_clip
@@ -83,7 +83,7 @@ def seed_streams(model: IMFCodec, frames: int = 10) -> list[bytes]:
         encoder.close()
         header = Header(model.cfg.name, model_id(model), r, r, 25, 1, frames, settings.bank_size, 320, 240, 40, 0, 240,
                         version=VERSION if lazy else LAZY_REFERENCE_TOKENS_SINCE - 1)
-        out.append(write_stream(header, pack_token_runs(model, chunks, lazy) if packed else chunks))
+        out.append(write_stream(header, pack_token_runs(model, chunks, header.version) if packed else chunks))
     return out
 
 
@@ -195,19 +195,20 @@ def mutate_payload(kind: int, payload: bytes, version: int, rng: random.Random) 
                 return varint(interesting(rng, n, 28), rng) + rest
             return varint(n, rng) + mutate_bytes(rest, rng)
         if kind == ChunkType.AV1_REFERENCES:
-            return mutate_av1_references(Av1ReferencesPayload.from_bytes(payload, lazy=None), rng)
+            compact = version >= SELF_DELIMITING_SINCE
+            return mutate_av1_references(Av1ReferencesPayload.from_bytes(payload, None, compact), rng, compact)
     except Exception:  # the payload is already damaged: damage it further as bytes
         pass
     return mutate_bytes(payload, rng)
 
 
-def mutate_av1_references(p: Av1ReferencesPayload, rng: random.Random) -> bytes:
+def mutate_av1_references(p: Av1ReferencesPayload, rng: random.Random, compact: bool) -> bytes:
     """One field of an AV1_REFERENCES payload: its frame count, a reference's gap or packet (its
     bytes, or one swapped for another's: a picture out of its place in the AV1 stream), the mode
-    bits or the token stream; the rest written as it was."""
+    bits (and, ``compact``, version 7, their count) or the token stream; the rest written as it was."""
     refs = [list(r) for r in p.references]
     frames, modes, tokens = p.frames, list(p.modes), p.tokens
-    part = rng.choice(["frames", "gap", "packet", "swap", "modes", "tokens"])
+    part = rng.choice(["frames", "gap", "packet", "swap", "modes", "tokens"] + ["count"] * compact)
     k = rng.randrange(len(refs))
     if part == "packet":
         refs[k][1] = mutate_bytes(refs[k][1], rng)
@@ -224,10 +225,13 @@ def mutate_av1_references(p: Av1ReferencesPayload, rng: random.Random) -> bytes:
         gaps[k] = interesting(rng, gaps[k], 13)
     out = bytearray(varint(frames, rng) + varint(len(refs), rng))
     for gap, (_, packet) in zip(gaps, refs):
-        out += varint(gap, rng) + varint(len(packet), rng) + packet
+        out += varint(gap, rng) + (b"" if compact else varint(len(packet), rng)) + packet
     bits = bytearray((len(modes) + 7) // 8)
     for i, token in enumerate(modes):
         bits[i // 8] |= token << (i % 8)
+    if compact:
+        count = interesting(rng, sum(modes), 13) if part == "count" else sum(modes)
+        bits = varint(count, rng) + (bits if any(modes) or part == "count" else b"")
     return bytes(out + bits) + tokens
 
 

@@ -20,7 +20,8 @@ from codec.nn.weights import load_weights
 from codec.pipeline import (Decoder, Encoder, EncoderSettings, RateControl, SynthesisGate, pack_token_runs,
                             start_reference_stream)
 from codec.video_io import center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
-from entropy.bitstream import Av1ReferencesPayload, BitstreamError, ChunkType, Header, read_stream, write_stream
+from entropy.bitstream import (OBU_FRAME, OBU_SEQUENCE_HEADER, Av1ReferencesPayload, BitstreamError, ChunkType, Header,
+                               _varint, read_stream, write_stream)
 from tests.conftest import moving_square_clip
 
 AV1 = EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=50)
@@ -181,15 +182,33 @@ def test_a_picture_larger_than_the_stream_is_refused_before_it_is_allocated():
 
 
 # -- the AV1_REFERENCES chunk ------------------------------------------------------------------------
+def obu(kind: int, body: bytes) -> bytes:
+    """An AV1 OBU with its size field (as SVT-AV1 writes them); the size in LEB128."""
+    size, n = b"", len(body)
+    while True:
+        size += bytes([(n & 0x7F) | (0x80 if n >> 7 else 0)])
+        n >>= 7
+        if not n:
+            return bytes([kind << 3 | 2]) + size + body
+
+
 @settings(max_examples=80)
 @given(st.integers(1, 300), st.data())
 def test_payload_round_trip(frames, data):
+    """Both layouts: version 7's (packets without lengths, no mode bits without token frames) and
+    the one before."""
     positions = sorted({0, *data.draw(st.lists(st.integers(0, frames - 1), max_size=8))})
-    references = tuple((i, data.draw(st.binary(min_size=1, max_size=20))) for i in positions)
+    packet = st.tuples(st.booleans(), st.binary(max_size=20), st.binary(max_size=200)).map(
+        lambda p: (obu(OBU_SEQUENCE_HEADER, p[1]) if p[0] else b"") + obu(OBU_FRAME, p[2]))
+    references = tuple((i, data.draw(packet)) for i in positions)
     modes = tuple(data.draw(st.lists(st.booleans(), min_size=frames - len(positions), max_size=frames - len(positions))))
     payload = Av1ReferencesPayload(frames, references, modes, data.draw(st.binary(min_size=1, max_size=9)))
-    back = Av1ReferencesPayload.from_bytes(payload.to_bytes())
-    assert back == payload
+    back = Av1ReferencesPayload.from_bytes(payload.to_bytes(compact=False))
+    assert back == payload == Av1ReferencesPayload.from_bytes(payload.to_bytes(), compact=True)
+    saved = len(payload.to_bytes(compact=False)) - len(payload.to_bytes())
+    packet_lengths = sum(len(_varint(len(p))) for _, p in references)
+    mode_bits = 0 if any(modes) else (len(modes) + 7) // 8  # left out where no frame is a token frame
+    assert saved == packet_lengths + mode_bits - len(_varint(sum(modes)))  # for the token frame count
     assert back.token_count(lazy=False) == len(positions) + sum(modes)
     # format 6: a reference's token only where a token frame follows it before the next reference
     kinds, mode = [], iter(modes)
@@ -201,11 +220,11 @@ def test_payload_round_trip(frames, data):
     assert back.used_references() == [k for k, segment in enumerate(segments) if "T" in segment]
     if not any(modes):  # references and repeats alone send no token at all
         lazy = Av1ReferencesPayload(frames, references, modes, b"")
-        assert Av1ReferencesPayload.from_bytes(lazy.to_bytes(), lazy=True) == lazy
+        assert Av1ReferencesPayload.from_bytes(lazy.to_bytes(), lazy=True, compact=True) == lazy
         with pytest.raises(BitstreamError, match="no tokens"):
-            Av1ReferencesPayload.from_bytes(lazy.to_bytes(), lazy=False)
+            Av1ReferencesPayload.from_bytes(lazy.to_bytes(), lazy=False, compact=True)
         with pytest.raises(BitstreamError, match="tokens where no token is sent"):
-            Av1ReferencesPayload.from_bytes(payload.to_bytes(), lazy=True)
+            Av1ReferencesPayload.from_bytes(payload.to_bytes(), lazy=True, compact=True)
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -220,6 +239,32 @@ def test_payload_round_trip(frames, data):
 def test_malformed_payloads_are_refused(payload, message):
     with pytest.raises(BitstreamError, match=message):
         Av1ReferencesPayload.from_bytes(payload)
+
+
+FRAME = obu(OBU_FRAME, b"\xaa")  # 0x32 0x01 0xaa
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\x02\x01\x00\x30\x01\xaa\x00\x01", "an OBU without its size"),  # a frame OBU, no size field
+    (b"\x02\x01\x00\xb2\x01\xaa\x00\x01", "forbidden bit"),
+    (b"\x02\x01\x00\x0a\x01\xaa", "no frame OBU"),  # a sequence header and nothing after
+    (b"\x02\x01\x00\x32\x05\xaa\x00\x01", "past the payload's end"),
+    (b"\x02\x01\x00\x32" + b"\x80" * 8 + b"\x00", "over 8 bytes"),
+    (b"\x03\x01\x00" + FRAME + b"\x03\x07\x01", "3 token frames of 2"),
+    (b"\x03\x01\x00" + FRAME + b"\x01\x03\x01", "2 token frame bits, 1 token frames announced"),
+    (b"\x03\x01\x00" + FRAME + b"\x01", "truncated frame modes"),
+    (b"\x03\x01\x00" + FRAME + b"\x00", "no tokens"),
+])
+def test_malformed_version_7_payloads_are_refused(payload, message):
+    with pytest.raises(BitstreamError, match=message):
+        Av1ReferencesPayload.from_bytes(payload, compact=True)
+
+
+def test_a_packet_that_does_not_end_with_its_frame_obu_keeps_the_old_layout():
+    odd = Av1ReferencesPayload(1, ((0, FRAME + b"\x00"),), (), b"\x01")
+    with pytest.raises(ValueError, match="needs its length"):
+        odd.to_bytes()
+    assert Av1ReferencesPayload.from_bytes(odd.to_bytes(compact=False)) == odd
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
@@ -367,13 +412,13 @@ def test_a_reference_sends_its_token_only_where_a_token_frame_follows(tiny_weigh
     settings = replace(AV1, reference_interval=3, bank_size=bank_size)
     encoded = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings)
     chunks = pack_token_runs(model, [e.chunk for e in encoded])
-    payload = Av1ReferencesPayload.from_bytes(chunks[0].payload, lazy=True)
+    payload = Av1ReferencesPayload.from_bytes(chunks[0].payload, lazy=True, compact=True)
     assert payload.used_references() == [1, 3] and payload.token_count(lazy=True) == 2 + 3
     for parts in (chunks, [e.chunk for e in encoded]):
         decoded = decode_all(tiny_weights, model, settings, parts)
         assert all(torch.equal(e.x_hat, x) for e, x in zip(encoded, decoded, strict=True))
     eager = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings, lazy=False)
-    eager_chunks = pack_token_runs(model, [e.chunk for e in eager], lazy_reference_tokens=False)
+    eager_chunks = pack_token_runs(model, [e.chunk for e in eager], version=5)
     assert len(chunks[0].payload) < len(eager_chunks[0].payload)
 
 
@@ -401,10 +446,26 @@ def test_format_5_streams_with_every_references_token_still_decode(tiny_weights,
     model = load_weights(tiny_weights)
     settings = replace(AV1, reference_interval=3, bank_size=2)
     encoded = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings, lazy=False)
-    chunks = pack_token_runs(model, [e.chunk for e in encoded], lazy_reference_tokens=False)
+    chunks = pack_token_runs(model, [e.chunk for e in encoded], version=5)
     assert Av1ReferencesPayload.from_bytes(chunks[0].payload).token_count(lazy=False) == 4 + 3
     decoded = decode_all(tiny_weights, model, settings, chunks, version=5)
     assert all(torch.equal(e.x_hat, x) for e, x in zip(encoded, decoded, strict=True))
+
+
+def test_format_6_streams_with_packet_lengths_still_decode_and_7_is_smaller(tiny_weights, synthetic_video):
+    """Version 7 leaves out each packet's length and, without token frames, the mode bits; the same
+    frames packed as version 6 decode the same, and a version 6 reader's layout is refused as 7's."""
+    model = load_weights(tiny_weights)
+    settings = replace(AV1, reference_interval=3)
+    encoded = encode_pattern(model, model_frames(synthetic_video, model.cfg.resolution), settings)
+    six, seven = (pack_token_runs(model, [e.chunk for e in encoded], version=v) for v in (6, 7))
+    packets = Av1ReferencesPayload.from_bytes(seven[0].payload, lazy=True, compact=True).references
+    assert len(six[0].payload) - len(seven[0].payload) == sum(len(_varint(len(p))) for _, p in packets) - 1
+    for version, chunks in ((6, six), (7, seven)):
+        decoded = decode_all(tiny_weights, model, settings, chunks, version=version)
+        assert all(torch.equal(e.x_hat, x) for e, x in zip(encoded, decoded, strict=True))
+    with pytest.raises(BitstreamError, match="chunk 0"):
+        read_stream(stream_bytes(model, settings, six, version=7))
 
 
 def test_a_reference_token_due_across_chunks(tiny_weights, synthetic_video, monkeypatch):
@@ -453,8 +514,8 @@ def test_a_damaged_packet_is_one_error_naming_its_chunk(tiny_weights, synthetic_
     stream = tmp_path / "s.imfc"
     encode_file(synthetic_video, stream, model, AV1, progress=False)
     header, chunks = read_bitstream(stream, model)
-    p = Av1ReferencesPayload.from_bytes(chunks[0].payload, lazy=True)
-    broken = ((0, b"\xff" * len(p.references[0][1])),) + p.references[1:]
+    p = Av1ReferencesPayload.from_bytes(chunks[0].payload, lazy=True, compact=True)
+    broken = ((0, obu(OBU_FRAME, b"\xff" * len(p.references[0][1]))),) + p.references[1:]  # parses, does not decode
     bad = Av1ReferencesPayload(p.frames, broken, p.modes, p.tokens)
     from codec.files import decoded_frames
     from entropy.bitstream import Chunk

@@ -10,7 +10,8 @@ from collections import Counter
 
 from codec.files import read_bitstream
 from codec.nn.keyframe_codec import KEYFRAME_STEPS
-from entropy.bitstream import KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, Av1ReferencesPayload, ChunkType, KeyframePayload
+from entropy.bitstream import (KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, OBU_SEQUENCE_HEADER, SELF_DELIMITING_SINCE,
+                               Av1ReferencesPayload, BitstreamError, ChunkType, KeyframePayload, iter_obus)
 from entropy.coding import bits_to_kbps
 from tools.errors import run
 
@@ -20,31 +21,18 @@ def step_name(index: int) -> str:
 
 
 def has_sequence_header(packet: bytes) -> bool:
-    """Whether an AV1 packet (low-overhead OBU format) holds a sequence header OBU, as SVT-AV1's
-    intra frames do: OBU type 1 in each OBU's header byte, sizes as LEB128 after it."""
-    pos = 0
-    while pos < len(packet):
-        header = packet[pos]
-        if (header >> 3) & 0xF == 1:
-            return True
-        pos += 2 if header & 0x4 else 1  # the extension byte
-        if not header & 0x2:  # no size field: the OBU runs to the end
-            return False
-        size, shift = 0, 0
-        while pos < len(packet):
-            byte = packet[pos]
-            size |= (byte & 0x7F) << shift
-            pos, shift = pos + 1, shift + 7
-            if not byte & 0x80:
-                break
-        pos += size
-    return False
+    """Whether an AV1 packet holds a sequence header OBU, as SVT-AV1's intra frames do."""
+    try:
+        return any(kind == OBU_SEQUENCE_HEADER for kind, _ in iter_obus(packet))
+    except BitstreamError:
+        return False
 
 
-def av1_split(chunks: list, lazy: bool) -> list[str]:
-    """The AV1_REFERENCES chunks' bytes: pictures, tokens, and the rest (framing, positions, modes).
-    ``lazy``: format 6, where only the references that a token frame follows send their tokens."""
-    payloads = [Av1ReferencesPayload.from_bytes(c.payload, lazy) for c in chunks]
+def av1_split(chunks: list, version: int) -> list[str]:
+    """The AV1_REFERENCES chunks' bytes: pictures, tokens, and the rest (framing, positions, modes),
+    in a stream of format ``version``."""
+    lazy = version >= LAZY_REFERENCE_TOKENS_SINCE
+    payloads = [Av1ReferencesPayload.from_bytes(c.payload, lazy, version >= SELF_DELIMITING_SINCE) for c in chunks]
     packets = [p for payload in payloads for _, p in payload.references]
     total = sum(len(c.to_bytes()) for c in chunks)
     pictures = sum(map(len, packets))
@@ -88,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"token frames: {token_frames}" + (f" in {runs} run{'s' if runs > 1 else ''}" if runs else "")
                   + f", {frame_bytes} bytes" + (f" ({frame_bytes / token_frames:.1f} per frame)" if frame else ""))
         if av1:
-            print("\n".join(av1_split(av1, h.version >= LAZY_REFERENCE_TOKENS_SINCE)))
+            print("\n".join(av1_split(av1, h.version)))
         if repeat:
             print(f"repeats of a keyframe's picture: {sum(c.frames for c in repeat)} frames in {len(repeat)} "
                   f"run{'s' if len(repeat) > 1 else ''}, {sum(len(c.to_bytes()) for c in repeat)} bytes")
