@@ -329,9 +329,10 @@ class RateControl:
             self.reference_bits = 0.7 * self.reference_bits + 0.3 * bits
 
 
-# What an AV1 reference costs in a file besides its packet and token: its position and packet
-# length in the AV1_REFERENCES chunk (whose own framing a file pays once per 4,096 frames).
-AV1_CHUNK_OVERHEAD_BITS = 8 * 3
+# What an AV1 reference costs in a file besides its packet and token: its position in the
+# AV1_REFERENCES chunk, one byte (whose own framing a file pays once per 4,096 frames; since format
+# 7 a packet carries no length).
+AV1_CHUNK_OVERHEAD_BITS = 8 * 1
 RANS_FLUSH_BYTES = 6  # a token coded alone pays it; in a packed run it is paid once per chunk
 
 
