@@ -65,24 +65,26 @@ def fuzz_model(seed: int = 1) -> IMFCodec:
 
 def seed_streams(model: IMFCodec, frames: int = 10) -> list[bytes]:
     """Real .imfc streams of a drifting square: with and without repeats, keyframe steps 2 and 1,
-    token runs and (unpacked) single token frames, and AV1 references (packed and one a frame, and
-    packed with every reference's token, as format 5 wrote them)."""
+    token runs and (unpacked) single token frames, and AV1 references (packed and one a frame, packed
+    with each packet's length as format 6 wrote them, and with every reference's token as format 5)."""
     r = model.cfg.resolution
     clip = [to_tensor(f) for f in moving_square_clip(frames, r, seed=3)]
     out = []
     av1 = EncoderSettings(keyframe_codec="av1", reference_interval=3, av1_crf=55)
-    for settings, packed, lazy in ((EncoderSettings(quality_floor=0, max_keyframe_interval=4, max_kbps=0), True, True),
-                                   (EncoderSettings(quality_floor=0, max_keyframe_interval=6, max_kbps=0,
-                                                    repeat_keyframe=False, keyframe_step=1.0, bank_size=3), True, True),
-                                   (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False, True),
-                                   (av1, True, True),
-                                   (EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=60), False, True),
-                                   (replace(av1, lmbda=0.0), True, False)):
-        encoder = Encoder(model, settings, lazy_reference_tokens=lazy)
+    for settings, packed, version in (
+            (EncoderSettings(quality_floor=0, max_keyframe_interval=4, max_kbps=0), True, VERSION),
+            (EncoderSettings(quality_floor=0, max_keyframe_interval=6, max_kbps=0, repeat_keyframe=False,
+                             keyframe_step=1.0, bank_size=3), True, VERSION),
+            (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False, VERSION),
+            (av1, True, VERSION),
+            (av1, True, SELF_DELIMITING_SINCE - 1),  # packets with their lengths
+            (EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=60), False, VERSION),
+            (replace(av1, lmbda=0.0), True, LAZY_REFERENCE_TOKENS_SINCE - 1)):  # every reference's token
+        encoder = Encoder(model, settings, lazy_reference_tokens=version >= LAZY_REFERENCE_TOKENS_SINCE)
         chunks = [encoder.encode(x).chunk for x in clip]
         encoder.close()
         header = Header(model.cfg.name, model_id(model), r, r, 25, 1, frames, settings.bank_size, 320, 240, 40, 0, 240,
-                        version=VERSION if lazy else LAZY_REFERENCE_TOKENS_SINCE - 1)
+                        version=version)
         out.append(write_stream(header, pack_token_runs(model, chunks, header.version) if packed else chunks))
     return out
 
