@@ -28,7 +28,8 @@ KEYFRAME_STEP_SINCE = 4
 AV1_REFERENCES_SINCE = 5
 LAZY_REFERENCE_TOKENS_SINCE = 6
 SELF_DELIMITING_SINCE = 7
-OBU_FRAME = 6  # AV1's frame OBU (a frame header and its tile group): the last OBU of an imfc reference packet
+OBU_SEQUENCE_HEADER = 1  # AV1 OBU types: a sequence header (an intra reference's first OBU), and
+OBU_FRAME = 6  # a frame OBU (a frame header and its tile group), the last OBU of an imfc reference packet
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths
 MAX_PRESET_NAME = 32
 
@@ -437,9 +438,6 @@ class Av1ReferencesPayload:
         if lazy is not None and bool(tokens) != bool(out.token_count(lazy)):
             raise bad("no tokens" if tokens == b"" else "tokens where no token is sent")
         return out
-
-
-OBU_SEQUENCE_HEADER = 1
 
 
 def iter_obus(data: bytes, pos: int = 0) -> Iterator[tuple[int, int]]:
