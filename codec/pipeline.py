@@ -490,7 +490,7 @@ class Encoder:
             due = st.since_keyframe + 1 >= s.reference_interval
         if intra or due:
             out = self._av1_reference(x, bool(intra))
-            ref_mse = mse(out.x_hat, x)
+            ref_mse = 10 ** (-out.psnr / 10)  # its MSE, as psnr() found it
             self.reference_mse = ref_mse if self.reference_mse is None else 0.7 * self.reference_mse + 0.3 * ref_mse
             return out
         st.since_keyframe += 1

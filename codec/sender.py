@@ -77,11 +77,7 @@ class SenderSettings:
     kbps: float = 0.0  # rate target of the media packets, headers included; 0: a reference every reference_interval
     reference_interval: int = 6  # frames from one AV1 reference to the next, without a rate target
     av1_crf: int = 58  # SVT-AV1 CRF of the references, without a rate target
-    # SVT-AV1 preset of the references (the sender's search; not in the stream). A call's, not a
-    # file's (codec.av1_reference.DEFAULT_PRESET): at 256x256, 1 thread, preset 4 took 320 ms to
-    # open a stream and code its intra frame (a refresh after a loss opens a new one) and 40 ms at
-    # the 95th percentile per inter reference; preset 8 37 ms and 13.5 ms.
-    av1_preset: int = CALL_PRESET
+    av1_preset: int = CALL_PRESET  # SVT-AV1 preset of the references: real time, not a file's (CALL_PRESET)
     intra_interval: int = 1500  # frames between AV1 intra frames; 0: only the first and those asked for
     lmbda: float = 1e-6  # MSE per bit in the token-or-hold decision
     reference_copies: int = 2  # after a loss, each AV1 inter reference's packets go out this many times (same

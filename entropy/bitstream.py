@@ -399,8 +399,7 @@ class Av1ReferencesPayload:
             return BitstreamError(f"malformed AV1 references ({what})")
 
         frames = Av1ReferencesPayload.frame_count(payload)
-        _, pos = _read_varint(payload, 0)
-        count, pos = _read_varint(payload, pos)
+        count, pos = _read_varint(payload, len(_varint(frames)))  # varints are in their shortest form
         if not 1 <= count <= frames:
             raise bad(f"{count} references in {frames} frames")
         references, index = [], 0

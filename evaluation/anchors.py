@@ -7,9 +7,9 @@ keyframe at the start (keyframe interval longer than the clip, scene-cut detecti
 
 - libx264: preset medium, tune zerolatency (no lookahead, no frame threads), bf 0, CRF.
 - libx265: preset medium, tune zerolatency (bframes 0, no lookahead), scenecut 0, CRF.
-- SVT-AV1: preset 8 (``SVTAV1_PRESET``; the reduced anchors may take another), pred-struct 1
-  (SVT-AV1's low-delay prediction structure: every frame refers only to past frames), scd 0; its
-  CRF runs as constant QP in low delay (SVT reports "CQP").
+- SVT-AV1: preset 8 (``CALL_PRESET``, a call's real-time one; the reduced anchors may take
+  another), pred-struct 1 (SVT-AV1's low-delay prediction structure: every frame refers only to
+  past frames), scd 0; its CRF runs as constant QP in low delay (SVT reports "CQP").
 
 Reduced anchors (`Reduced`, `reduced_round_trip`) are what a call application does when bits run
 out: code every K-th frame and hold each decoded frame until the next (the stream at fps / K), or
@@ -31,13 +31,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from codec.av1_reference import fixed_offset_params
+from codec.av1_reference import CALL_PRESET, fixed_offset_params
 from codec.video_io import Box, crop_resize
-
-
-# SVT-AV1's preset for its anchors: a real-time setting for a call coding every frame, the one
-# issue 15's held anchor was measured at.
-SVTAV1_PRESET = 8
 
 
 class Anchor(enum.Enum):
@@ -75,7 +70,7 @@ class AnchorResult:
 
 
 def _options(anchor: Anchor, crf: int, frames: int, intra_offset: int | None = None,
-             preset: int = SVTAV1_PRESET) -> dict[str, str]:
+             preset: int = CALL_PRESET) -> dict[str, str]:
     keyint = str(frames + 1)  # one keyframe at the start, never another
     if anchor is Anchor.X264:
         return {"crf": str(crf), "preset": "medium", "tune": "zerolatency", "bf": "0", "g": keyint,
@@ -88,12 +83,12 @@ def _options(anchor: Anchor, crf: int, frames: int, intra_offset: int | None = N
 
 
 def round_trip(anchor: Anchor, frames: list[np.ndarray], fps: Fraction, crf: int, threads: int = 1,
-               intra_offset: int | None = None, preset: int = SVTAV1_PRESET) -> AnchorResult:
+               intra_offset: int | None = None, preset: int = CALL_PRESET) -> AnchorResult:
     """(H, W, 3) uint8 RGB frames (even H and W) -> stream bytes and decoded RGB frames.
     ``threads`` is the encoder's and the decoder's thread count (0: the library's choice).
     ``intra_offset`` (SVT-AV1 only): fixed qindex offsets, the intra frame this far from the rest;
     ``preset``: SVT-AV1's."""
-    if (intra_offset is not None or preset != SVTAV1_PRESET) and anchor is not Anchor.SVTAV1:
+    if (intra_offset is not None or preset != CALL_PRESET) and anchor is not Anchor.SVTAV1:
         raise ValueError(f"{anchor.value}: intra qindex offsets and presets are SVT-AV1's")
     spec = SPECS[anchor]
     lo, hi = spec.crf_range
@@ -151,7 +146,7 @@ class Reduced:
     every: int = 1
     size: int | None = None
     intra_offset: int | None = None
-    preset: int = SVTAV1_PRESET
+    preset: int = CALL_PRESET
 
     def __post_init__(self) -> None:
         if self.every < 1 or (self.size is not None and (self.size < 16 or self.size % 2)):
@@ -160,7 +155,7 @@ class Reduced:
     def codec(self, anchor: Anchor) -> str:
         """The label reports give this anchor's curve, e.g. "svtav1 held" or "svtav1 at 128"."""
         fixed = f", intra offset {self.intra_offset}" if self.intra_offset is not None else ""
-        preset = f", preset {self.preset}" if self.preset != SVTAV1_PRESET else ""
+        preset = f", preset {self.preset}" if self.preset != CALL_PRESET else ""
         return (anchor.value + (f" at {self.size}" if self.size else "") + (" held" if self.every > 1 else "")
                 + fixed + preset)
 

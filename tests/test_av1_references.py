@@ -183,13 +183,8 @@ def test_a_picture_larger_than_the_stream_is_refused_before_it_is_allocated():
 
 # -- the AV1_REFERENCES chunk ------------------------------------------------------------------------
 def obu(kind: int, body: bytes) -> bytes:
-    """An AV1 OBU with its size field (as SVT-AV1 writes them); the size in LEB128."""
-    size, n = b"", len(body)
-    while True:
-        size += bytes([(n & 0x7F) | (0x80 if n >> 7 else 0)])
-        n >>= 7
-        if not n:
-            return bytes([kind << 3 | 2]) + size + body
+    """An AV1 OBU with its size field (as SVT-AV1 writes them): LEB128, which is the varint's form."""
+    return bytes([kind << 3 | 2]) + _varint(len(body)) + body
 
 
 @settings(max_examples=80)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from codec.av1_reference import CALL_PRESET, DEFAULT_PRESET, MAX_PRESET, MIN_PRESET
+from codec.av1_reference import CALL_PRESET, DEFAULT_PRESET
 from codec.pipeline import KEYFRAME_CODECS, EncoderSettings
 from evaluation.profile import profile_coding, profile_tables
 from evaluation.rd_eval import load_clip
@@ -28,6 +28,9 @@ from codec.video_io import VideoError, probe
 from codec.nn.weights import load_weights, model_id
 from tools.encode import DEFAULT_KBPS
 from tools.errors import run
+
+
+PRESET_NAMES = {CALL_PRESET: ", a call's", DEFAULT_PRESET: ", imfc encode's"}
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -81,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.frames < 2 or not args.threads or min(args.threads) < 1:
         parser.error("--frames must be >= 2 and --threads positive")
-    if not MIN_PRESET <= args.av1_preset <= MAX_PRESET:
-        parser.error(f"--av1-preset must be {MIN_PRESET} to {MAX_PRESET}")
+    av1 = args.keyframe_codec == "av1"
+    try:
+        settings = EncoderSettings(keyframe_codec=args.keyframe_codec, kbps=args.kbps if av1 else 0.0,
+                                   av1_preset=args.av1_preset)
+    except ValueError as e:
+        parser.error(str(e))
 
     def action() -> int:
         probe(args.input)
@@ -93,9 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model = load_weights(args.weights)
         load_seconds = time.perf_counter() - start
-        av1 = args.keyframe_codec == "av1"
-        settings = EncoderSettings(keyframe_codec=args.keyframe_codec, kbps=args.kbps if av1 else 0.0,
-                                   av1_preset=args.av1_preset)
         clip = load_clip(args.input, model.cfg.resolution, args.frames)
         rows = []
         for t in args.threads:
@@ -112,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{load_after[0]:.2f} after (other work on the machine slows every row alike only roughly)."), "",
                  (f"imfc model `{model.cfg.name}` {model_id(model).hex()}, "
                   + (f"AV1 references at --kbps {settings.kbps:g} (bank of {settings.bank_size}, SVT-AV1 preset "
-                     f"{settings.av1_preset}: " + ("a call's" if settings.av1_preset == CALL_PRESET else
-                                                   "imfc encode's" if settings.av1_preset == DEFAULT_PRESET else
-                                                   "neither imfc encode's nor a call's") + ")" if av1 else
+                     f"{settings.av1_preset}{PRESET_NAMES.get(settings.av1_preset, '')})" if av1 else
                      f"learned keyframes (quality floor {settings.quality_floor:g} dB, keyframe cap "
                      f"{settings.max_kbps:g} kbps, keyframe step {settings.keyframe_step:g}, keyframe at most every "
                      f"{settings.max_keyframe_interval} frames)")

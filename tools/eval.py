@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.anchors import SPECS, SVTAV1_PRESET, Anchor, Reduced
+from evaluation.anchors import SPECS, Anchor, Reduced
 from evaluation.metrics import MetricError, vmaf_available
-from codec.av1_reference import DEFAULT_PRESET, MAX_INTRA_OFFSET, MAX_PRESET, MIN_INTRA_OFFSET, MIN_PRESET
+from codec.av1_reference import CALL_PRESET, DEFAULT_PRESET, MAX_INTRA_OFFSET, MAX_PRESET, MIN_INTRA_OFFSET, MIN_PRESET
 from codec.pipeline import MAX_BANK, EncoderSettings
 from evaluation.rd_eval import EvalSettings, evaluate_clip, imfc_setting, load_clip
 from evaluation.rd_report import read_anchor_points, side_by_side, write_report
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the held anchors at CRF 63 with SVT-AV1's fixed qindex offsets (imfc's own "
                              "references below 5 kbps), the intra frame at each of these offsets "
                              f"(default {','.join(map(str, held_offsets))}; empty to skip)")
-    parser.add_argument("--held-preset", type=int_list, default=(SVTAV1_PRESET,),
+    parser.add_argument("--held-preset", type=int_list, default=(CALL_PRESET,),
                         help="SVT-AV1 presets of the held and small anchors, 0 (slowest) to 13; each adds a curve "
-                             f"(default {SVTAV1_PRESET}, a real-time setting; imfc's references use "
+                             f"(default {CALL_PRESET}, a real-time setting; imfc's references use "
                              f"{DEFAULT_PRESET}, --av1-preset)")
     parser.add_argument("--small", type=int, default=small,
                         help=f"SVT-AV1 at this size, upscaled back (default {small}; 0 to skip)")
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                                             f"; fixed qindex offsets, the intra frame at {r.intra_offset}"
                                             if r.intra_offset is not None else "") if r.every > 1 else
                                         f"coded at {r.size}x{r.size} (antialiased bicubic down and up)") + (
-                                        f"; preset {r.preset} (not {SVTAV1_PRESET})" if r.preset != SVTAV1_PRESET else "")
+                                        f"; preset {r.preset} (not {CALL_PRESET})" if r.preset != CALL_PRESET else "")
                                        for a, r, _ in reduced}},
                 "seconds": round(time.perf_counter() - start, 1),
                 "clips": [str(p) for p in args.clips],
