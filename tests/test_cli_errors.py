@@ -1,5 +1,9 @@
 """Every bad input ends with one clear line on stderr, a non-zero exit code and no output file."""
 
+import os
+import signal
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -151,6 +155,18 @@ def test_info(capsys, stream):
     out = capsys.readouterr().out
     assert "12 frames" in out and "KEYFRAME" in out and "kbps" in out and " at step " in out
     check_error(capsys, info.main([str(stream.with_name("nope.imfc"))]), "no such file")
+
+
+def test_info_into_a_closed_pipe_stops_quietly(stream):
+    """`imfc info X | head -1`: the reader leaves early; no error line, the shell's SIGPIPE status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "tools.cli", "info", str(stream), "--chunks"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    finally:
+        os.close(write_end)
+    assert r.returncode == 128 + signal.SIGPIPE and r.stderr == "", r.stderr
 
 
 def test_info_splits_an_av1_stream(capsys, tiny_weights, synthetic_video, tmp_path):
