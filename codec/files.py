@@ -23,8 +23,8 @@ from codec.pipeline import Decoder, Encoder, EncoderSettings, pack_token_runs
 from codec.video_io import Box, FrameWriter, VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
 from entropy.bitstream import (
-    AV1_REFERENCES_SINCE, DEFAULT_MAX_FRAMES, MAX_FRAMES, REFERENCE_CHUNKS, VERSION, BitstreamError, Chunk, ChunkType,
-    Header, read_file, write_stream,
+    AV1_REFERENCES_SINCE, DEFAULT_MAX_FRAMES, MAX_FRAMES, REFERENCE_CHUNKS, RESTORATION_SINCE, VERSION, BitstreamError,
+    Chunk, ChunkType, Header, read_file, write_stream,
 )
 from entropy.coding import bits_to_kbps
 
@@ -110,10 +110,11 @@ def read_bitstream(path: Path, model: IMFCodec | None = None,
 
 
 def check_model(path: Path, header: Header, model: IMFCodec) -> None:
-    if header.model_id != model_id(model) or header.preset != model.cfg.name:
+    expected = model_id(model, restoration=header.version >= RESTORATION_SINCE)  # older formats never restore
+    if header.model_id != expected or header.preset != model.cfg.name:
         raise BitstreamError(
             f"{path}: made by another model (preset {header.preset!r}, id {header.model_id.hex()}); this model is "
-            f"{model.cfg.name!r}, id {model_id(model).hex()}: decode with the weights that encoded it (--weights)")
+            f"{model.cfg.name!r}, id {expected.hex()}: decode with the weights that encoded it (--weights)")
     r = model.cfg.resolution
     if (header.width, header.height) != (r, r):
         raise BitstreamError(f"{path}: header: coded size {header.width}x{header.height}, but model "

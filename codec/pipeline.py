@@ -39,7 +39,8 @@ from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
 from codec.video_io import to_tensor, to_uint8
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_BANK, MAX_RUN_FRAMES, SELF_DELIMITING_SINCE, VERSION,
+    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_BANK, MAX_RUN_FRAMES, RESTORATION_SINCE, SELF_DELIMITING_SINCE,
+    VERSION,
     Av1ReferencesPayload, BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload,
 )
 
@@ -182,7 +183,8 @@ class CodecState:
     bank: list[Reference] = field(default_factory=list)
     u_prev_hat: Tensor | None = None  # the last token sent: the next token frame's delta starts here
     since_keyframe: int = 0
-    picture: Tensor | None = None  # the newest keyframe's decoded image, which a repeat shows
+    picture: Tensor | None = None  # the newest keyframe's decoded image: the model's reference
+    shown: Tensor | None = None  # what a repeat shows: the picture, restored (format 8) if an AV1 one
     # Format 6 sends an AV1 reference's token just before the first token frame after it, and never
     # if a reference comes first: a decoder's reference joins its bank only with its token, so one
     # whose token was never sent leaves the encoder's bank too.
@@ -436,6 +438,7 @@ class Encoder:
         if settings.keyframe_codec == "av1" and settings.kbps:
             self.rate = RateControl(settings.kbps, fps, frames=frames)
         self.gate = SynthesisGate(settings.probe_interval)
+        self.restore = model.restoration is not None  # it writes format 8
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:
@@ -477,7 +480,7 @@ class Encoder:
         self.gate.next_frame()
         self.since_intra += 1
         intra = st.picture is None or self.intra_requested or (s.intra_interval and self.since_intra >= s.intra_interval)
-        hold_mse = mse(st.picture, x) if st.picture is not None and s.repeat_keyframe else float("inf")
+        hold_mse = mse(st.shown, x) if st.shown is not None and s.repeat_keyframe else float("inf")
         if rate:
             gain = s.reference_gain
             if gain > 1:  # falls to 1 as the bucket fills: a full bucket spills what it does not spend
@@ -513,7 +516,7 @@ class Encoder:
                     return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, psnr(x_hat, x))
         if rate:
             rate.pay(1)
-        return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, psnr(st.picture, x))
+        return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.shown, psnr(st.shown, x))
 
     def _av1_reference(self, x: Tensor, intra: bool) -> EncodedFrame:
         st = self.state
@@ -532,6 +535,7 @@ class Encoder:
         base = st.u_prev_hat
         data, u_hat = self.model.compress_token(u, _chain_start(st, u))
         st.unbuilt, st.u_prev_hat, st.since_keyframe, st.picture = (x_hat, u_hat), u_hat, 0, x_hat
+        st.shown = shown_picture(self.model, x_hat, self.restore)
         token_bits = packed_token_bits(data)
         if self.lazy_reference_tokens:
             st.unsent = UnsentToken(self.model.decompress_deltas(data, 1), base)
@@ -543,7 +547,7 @@ class Encoder:
         if self.rate:
             self.rate.pay(8 * len(packet) + token_bits + AV1_CHUNK_OVERHEAD_BITS, True, intra)
         payload = Av1ReferencesPayload(1, ((0, packet),), (), data)
-        return EncodedFrame(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()), x_hat, psnr(x_hat, x))
+        return EncodedFrame(Chunk(ChunkType.AV1_REFERENCES, payload.to_bytes()), st.shown, psnr(st.shown, x))
 
 
 def start_reference_stream(size: int, fps: Fraction, picture: np.ndarray, crf: int, kbps: float,
@@ -649,7 +653,15 @@ def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tens
     state.bank = (state.bank + [model.reference(x_hat, u_hat)])[-bank_size:]
     state.u_prev_hat = u_hat
     state.since_keyframe = 0
-    state.picture = x_hat
+    state.picture = state.shown = x_hat
+
+
+@torch.no_grad()
+def shown_picture(model: IMFCodec, picture: Tensor, restore: bool) -> Tensor:
+    """An AV1 reference picture -> what is shown for it and its repeats: restored by the model's
+    restoration (format 8) where ``restore``, in 8 bits as every shown frame; the picture itself is
+    what both sides predict from."""
+    return to_8bit(model.restoration(picture)) if restore else picture
 
 
 class Decoder:
@@ -665,6 +677,7 @@ class Decoder:
         self.keyframe_steps = version >= KEYFRAME_STEP_SINCE
         self.lazy_reference_tokens = version >= LAZY_REFERENCE_TOKENS_SINCE
         self.self_delimiting = version >= SELF_DELIMITING_SINCE
+        self.restore = version >= RESTORATION_SINCE and model.restoration is not None
         self.resolution = resolution
         self.bank_size = bank_size
         self.state = CodecState()
@@ -732,21 +745,22 @@ class Decoder:
                     st.picture, st.since_keyframe, st.token_due = x_hat, 0, True
                 else:
                     self._reference_token(x_hat, next(deltas)[None])
-                yield x_hat
+                st.shown = shown_picture(self.model, x_hat, self.restore)
+                yield st.shown
 
     def _repeat(self) -> Tensor:
         st = self.state
-        if st.picture is None:
+        if st.shown is None:
             raise BitstreamError("a frame before any keyframe")
         st.since_keyframe += 1
-        return st.picture
+        return st.shown
 
     def _reference_token(self, x_hat: Tensor, delta: Tensor) -> None:
         """An AV1 reference joins the bank with its token, coded from the last token sent."""
         st = self.state
-        since = st.since_keyframe
+        since, shown = st.since_keyframe, st.shown
         add_reference(self.model, st, x_hat, _chain_start(st, delta) + delta, self.bank_size)
-        st.since_keyframe, st.token_due = since, False
+        st.since_keyframe, st.shown, st.token_due = since, shown, False
 
     def _token_frame(self, deltas: Iterator[Tensor]) -> Tensor:
         """The next token frame, its deltas (d,) from ``deltas``: first its reference's token where due."""

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Iterator
 
 MAGIC = b"IMFC"
-VERSION = 7  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references, 6 their tokens
+VERSION = 8  # 2 added token runs, 3 repeats, 4 keyframe quantization steps, 5 AV1 references, 6 their tokens
 # sent only where used, 7 AV1 packets without their lengths and no mode bits without token frames;
 # older streams still read
 KEYFRAME_STEP_SINCE = 4
 AV1_REFERENCES_SINCE = 5
 LAZY_REFERENCE_TOKENS_SINCE = 6
 SELF_DELIMITING_SINCE = 7
+RESTORATION_SINCE = 8  # AV1 references are shown restored by the model's restoration, where it has one
 OBU_SEQUENCE_HEADER = 1  # AV1 OBU types: a sequence header (an intra reference's first OBU), and
 OBU_FRAME = 6  # a frame OBU (a frame header and its tile group), the last OBU of an imfc reference packet
 MAX_PAYLOAD = 1 << 24  # 16 MiB: far above any real chunk, low enough to reject garbage lengths

@@ -34,6 +34,8 @@ class IMFConfig:
     # warp them by the attention's mean offset (sharper; see codec/nn/layers/attention.py)
     hold_mask: bool = False  # D_F blends its output with the newest reference picture by a mask it predicts,
     # so a frame that barely moved can be held exactly where synthesis would soften it (MODEL.md, stage 11)
+    restoration: tuple[int, int] | None = None  # (channels, layers) of the decoder's restoration of AV1
+    # references before they are shown (codec/nn/restoration.py; format 8), or None: shown as decoded
 
     def __post_init__(self) -> None:
         if self.pixel_warp not in ("blend", "flow"):

@@ -35,6 +35,7 @@ from codec.nn.config import IMFConfig
 from codec.nn.feature_encoder import FeatureEncoder
 from codec.nn.frame_decoder import FrameDecoder
 from codec.nn.keyframe_codec import KeyframeCodec
+from codec.nn.restoration import Restoration
 from codec.nn.layers.attention import KeyValue, bank as kv_bank, versions
 from codec.nn.token_decoder import TokenDecoder
 from codec.nn.token_encoder import TokenEncoder
@@ -76,6 +77,7 @@ class IMFCodec(CompressionModel):
         self.alignment = ImplicitMotionAlignment(cfg)  # IMF_A
         self.frame_decoder = FrameDecoder(cfg)  # D_F
         self.keyframe_codec = KeyframeCodec(*cfg.keyframe_channels)
+        self.restoration = Restoration(*cfg.restoration) if cfg.restoration else None
         # quantization step of each token dimension (learned). It starts small: measured on the
         # default preset, E_T's tokens vary with std 0.001 across frames at init and 0.24 after
         # 2,500 steps, while a unit step's quantization noise has std 0.29, so with step 1 the

@@ -28,10 +28,14 @@ class WeightsError(Exception):
     pass
 
 
-def model_id(model: IMFCodec) -> bytes:
-    """8-byte hash of every tensor of the state dict, in name order."""
+def model_id(model: IMFCodec, restoration: bool = True) -> bytes:
+    """8-byte hash of every tensor of the state dict, in name order; without ``restoration``, of
+    every tensor but the restoration's (the model id of format 7 and older, which never restore:
+    a model that gains a restoration still decodes their streams)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if not restoration and name.startswith("restoration."):
+            continue
         h.update(name.encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.digest()[:8]
