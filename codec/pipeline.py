@@ -42,6 +42,7 @@ from entropy.bitstream import (
     KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_BANK, MAX_RUN_FRAMES, RESTORATION_SINCE, SELF_DELIMITING_SINCE,
     VERSION,
     Av1ReferencesPayload, BitstreamError, Chunk, ChunkType, KeyframePayload, RepeatPayload, TokenRunPayload,
+    has_sequence_header,
 )
 
 KEYFRAME_CODECS = ("learned", "av1")
@@ -535,7 +536,7 @@ class Encoder:
         base = st.u_prev_hat
         data, u_hat = self.model.compress_token(u, _chain_start(st, u))
         st.unbuilt, st.u_prev_hat, st.since_keyframe, st.picture = (x_hat, u_hat), u_hat, 0, x_hat
-        st.shown = shown_picture(self.model, x_hat, self.restore)
+        st.shown = shown_picture(self.model, x_hat, packet, self.restore)
         token_bits = packed_token_bits(data)
         if self.lazy_reference_tokens:
             st.unsent = UnsentToken(self.model.decompress_deltas(data, 1), base)
@@ -657,11 +658,12 @@ def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tens
 
 
 @torch.no_grad()
-def shown_picture(model: IMFCodec, picture: Tensor, restore: bool) -> Tensor:
-    """An AV1 reference picture -> what is shown for it and its repeats: restored by the model's
-    restoration (format 8) where ``restore``, in 8 bits as every shown frame; the picture itself is
-    what both sides predict from."""
-    return to_8bit(model.restoration(picture)) if restore else picture
+def shown_picture(model: IMFCodec, picture: Tensor, packet: bytes, restore: bool) -> Tensor:
+    """An AV1 reference picture and its packet -> what is shown for it and its repeats: where
+    ``restore``, an inter picture restored by the model's restoration (format 8), in 8 bits as every
+    shown frame (an intra picture, several times finer, is what it was not trained on); the picture
+    itself is what both sides predict from."""
+    return to_8bit(model.restoration(picture)) if restore and not has_sequence_header(packet) else picture
 
 
 class Decoder:
@@ -745,7 +747,7 @@ class Decoder:
                     st.picture, st.since_keyframe, st.token_due = x_hat, 0, True
                 else:
                     self._reference_token(x_hat, next(deltas)[None])
-                st.shown = shown_picture(self.model, x_hat, self.restore)
+                st.shown = shown_picture(self.model, x_hat, references[i], self.restore)
                 yield st.shown
 
     def _repeat(self) -> Tensor:

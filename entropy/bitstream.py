@@ -469,6 +469,14 @@ def iter_obus(data: bytes, pos: int = 0) -> Iterator[tuple[int, int]]:
         yield h >> 3 & 0x0F, pos
 
 
+def has_sequence_header(packet: bytes) -> bool:
+    """Whether an AV1 packet holds a sequence header OBU, as SVT-AV1's intra frames do."""
+    try:
+        return any(kind == OBU_SEQUENCE_HEADER for kind, _ in iter_obus(packet))
+    except BitstreamError:
+        return False
+
+
 def av1_packet_end(data: bytes, pos: int) -> int:
     """Where the AV1 packet at ``pos`` ends: after its first frame OBU. An imfc reference packet is
     a sequence header (intra frames only) and one frame OBU, so from version 7 it needs no length.

@@ -10,22 +10,14 @@ from collections import Counter
 
 from codec.files import read_bitstream
 from codec.nn.keyframe_codec import KEYFRAME_STEPS
-from entropy.bitstream import (KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, OBU_SEQUENCE_HEADER, SELF_DELIMITING_SINCE,
-                               Av1ReferencesPayload, BitstreamError, ChunkType, KeyframePayload, iter_obus)
+from entropy.bitstream import (KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, SELF_DELIMITING_SINCE,
+                               Av1ReferencesPayload, BitstreamError, ChunkType, KeyframePayload, has_sequence_header)
 from entropy.coding import bits_to_kbps
 from tools.errors import run
 
 
 def step_name(index: int) -> str:
     return f"{KEYFRAME_STEPS[index]:g}" if index < len(KEYFRAME_STEPS) else f"index {index} (unknown)"
-
-
-def has_sequence_header(packet: bytes) -> bool:
-    """Whether an AV1 packet holds a sequence header OBU, as SVT-AV1's intra frames do."""
-    try:
-        return any(kind == OBU_SEQUENCE_HEADER for kind, _ in iter_obus(packet))
-    except BitstreamError:
-        return False
 
 
 def av1_split(chunks: list, version: int) -> list[str]:

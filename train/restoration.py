@@ -1,6 +1,6 @@
 """Train the decoder's restoration of AV1 references (codec/nn/restoration.py), then attach it to a model.
 
-A sample is an AV1-decoded picture of `train.av1_refs` (any of the folders given, any CRF) and the
+A sample is an inter AV1 picture of `train.av1_refs` (any of the folders given, any CRF) and the
 clip's own frame ``d`` frames after it, d from 0 to ``--max-distance``: the picture is shown for
 its own frame and held for the next ones, so the restoration is trained on what it will be shown
 for. The loss is L1, or ``--loss ms-ssim``: 1 - MS-SSIM + 0.1 L1.
@@ -46,7 +46,7 @@ class Samples:
         self.cache, self.folders = cache, folders
         self.items = [(f, crf, c, j, d) for f, refs in enumerate(folders) for crf in refs.crfs
                       for c, clip in enumerate(cache.clips) for j, i in enumerate(refs.indices[c])
-                      for d in range(max_distance + 1) if i + d < len(clip)]
+                      for d in range(max_distance + 1) if j > 0 and i + d < len(clip)]  # inter pictures only
 
     def batch(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         pictures = np.stack([self.folders[f].pictures[c][crf][j] for f, crf, c, j, _ in items])
@@ -55,23 +55,21 @@ class Samples:
 
 
 def validation_items(samples: Samples) -> list[tuple]:
-    """Each validation clip's pictures 1-10 of every folder and CRF, at the distances VAL_DISTANCES;
-    and its first (intra) picture at distance 0."""
-    return [it for it in samples.items
-            if (0 < it[3] <= VAL_PICTURES and it[4] in VAL_DISTANCES) or (it[3] == 0 and it[4] == 0)]
+    """Each validation clip's pictures 1-10 of every folder and CRF, at the distances VAL_DISTANCES."""
+    return [it for it in samples.items if it[3] <= VAL_PICTURES and it[4] in VAL_DISTANCES]
 
 
 @torch.no_grad()
 def evaluate(net: Restoration | None, samples: Samples, items: list[tuple]) -> dict[str, tuple[float, float]]:
-    """PSNR and MS-SSIM of the pictures shown (8-bit) per distance ('intra': the first pictures)."""
+    """PSNR and MS-SSIM of the pictures shown (8-bit) per distance."""
     rows = []
     for i in range(0, len(items), 16):
         part = items[i:i + 16]
         x, y = samples.batch(part)
         shown = (net(x) if net is not None else x).clamp(0, 1).mul(255).round().div(255)
         for k, (p, m) in enumerate(zip(psnr(shown, y), msssim(shown, y))):
-            rows.append(("intra" if part[k][3] == 0 else f"d{part[k][4]}", p.item(), m.item()))
-    keys = ["intra"] + [f"d{d}" for d in VAL_DISTANCES]
+            rows.append((f"d{part[k][4]}", p.item(), m.item()))
+    keys = [f"d{d}" for d in VAL_DISTANCES]
     return {k: (float(np.mean([p for kk, p, _ in rows if kk == k])), float(np.mean([m for kk, _, m in rows if kk == k])))
             for k in keys if any(kk == k for kk, _, _ in rows)}
 
