@@ -18,6 +18,7 @@ class ModelStats:
     fp16_megabytes: float
     decode_gflops: float  # one token frame, reference cached (what every non-key frame costs)
     keyframe_gflops: float  # once per keyframe: keyframe synthesis + reference features
+    restoration_gflops: float  # once per AV1 inter reference shown (format 8), 0 without a restoration
 
 
 def model_stats(model: IMFCodec) -> ModelStats:
@@ -31,6 +32,9 @@ def model_stats(model: IMFCodec) -> ModelStats:
         ref = model.reference(x_ref, u)
     with FlopCounterMode(display=False) as frame_flops:
         model.synthesize(u, [ref])
+    with FlopCounterMode(display=False) as restoration_flops:
+        if model.restoration is not None:
+            model.restoration(x_ref)
     params = sum(p.numel() for p in model.parameters())
     return ModelStats(
         preset=cfg.name,
@@ -39,4 +43,5 @@ def model_stats(model: IMFCodec) -> ModelStats:
         fp16_megabytes=params * 2 / 1e6,
         decode_gflops=frame_flops.get_total_flops() / 1e9,
         keyframe_gflops=key_flops.get_total_flops() / 1e9,
+        restoration_gflops=restoration_flops.get_total_flops() / 1e9,
     )

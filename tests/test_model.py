@@ -173,6 +173,7 @@ def test_default_preset_within_budget():
     assert s.resolution == 256
     assert s.fp16_megabytes <= 20
     assert s.decode_gflops <= 5
+    assert 0 < s.restoration_gflops <= 2.5  # once per inter reference: about one token frame's worth
 
 
 def test_config_validation():

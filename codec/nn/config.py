@@ -69,10 +69,10 @@ PRESETS: dict[str, IMFConfig] = {
         keyframe_channels=(16, 24),
     ),
     # the shipped model; its stages 1-7 trained with pixel_warp="blend", stage 8 with "flow" (MODEL.md)
-    "default": IMFConfig(name="default", pixel_warp="flow"),
+    "default": IMFConfig(name="default", pixel_warp="flow", restoration=(32, 6)),
     # the default narrowed to half the finest scale's channels and distilled from it (MODEL.md,
     # "The fast preset"): synthesis about a third cheaper, the same E_T and tokens
-    "fast": IMFConfig(name="fast", pixel_warp="flow", channels=(16, 32, 64, 96)),
+    "fast": IMFConfig(name="fast", pixel_warp="flow", channels=(16, 32, 64, 96), restoration=(32, 6)),
 }
 
 
