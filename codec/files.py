@@ -47,6 +47,14 @@ class DecodeSummary:
     fps: float
 
 
+def stream_version(chunks: list[Chunk], restored: bool) -> int:
+    """The oldest format that holds an encoder's chunks, so that an older imfc still reads what it can:
+    8 where references were shown restored, 7 for other AV1 references, 4 for learned keyframes."""
+    if restored:
+        return RESTORATION_SINCE
+    return RESTORATION_SINCE - 1 if any(c.type == ChunkType.AV1_REFERENCES for c in chunks) else AV1_REFERENCES_SINCE - 1
+
+
 def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings = EncoderSettings(),
                 crop: Box | None = None, max_frames: int | None = None, progress: bool = True) -> EncodeSummary:
     info = probe(src)
@@ -57,7 +65,8 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
 
     def header(frames: int, version: int = VERSION) -> Header:
         return Header(
-            preset=model.cfg.name, model_id=model_id(model), width=r, height=r, fps_num=fps.numerator,
+            preset=model.cfg.name, model_id=model_id(model, version >= RESTORATION_SINCE), width=r, height=r,
+            fps_num=fps.numerator,
             fps_den=fps.denominator, frames=frames, bank_size=settings.bank_size, source_width=info.width,
             source_height=info.height, crop_left=max(box.left, 0), crop_top=max(box.top, 0), crop_size=box.size,
             version=version)
@@ -85,8 +94,7 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
     seconds = time.perf_counter() - start
     if len(quality) > MAX_FRAMES:
         raise VideoError(f"{src}: {len(quality)} frames, more than a stream holds ({MAX_FRAMES}): use --frames")
-    # the oldest format that holds the stream, so that an older imfc still reads what it can
-    version = VERSION if any(c.type == ChunkType.AV1_REFERENCES for c in chunks) else AV1_REFERENCES_SINCE - 1
+    version = stream_version(chunks, encoder.restore)
     data = write_stream(header(len(quality), version), pack_token_runs(model, chunks))
     _write_atomic(dst, data)
     return EncodeSummary(
@@ -115,6 +123,9 @@ def check_model(path: Path, header: Header, model: IMFCodec) -> None:
         raise BitstreamError(
             f"{path}: made by another model (preset {header.preset!r}, id {header.model_id.hex()}); this model is "
             f"{model.cfg.name!r}, id {expected.hex()}: decode with the weights that encoded it (--weights)")
+    if header.version >= RESTORATION_SINCE and model.restoration is None:
+        raise BitstreamError(f"{path}: format {header.version} shows restored references, and model "
+                             f"{model.cfg.name!r} has no restoration")
     r = model.cfg.resolution
     if (header.width, header.height) != (r, r):
         raise BitstreamError(f"{path}: header: coded size {header.width}x{header.height}, but model "

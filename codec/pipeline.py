@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from codec.av1_reference import (CALL_PRESET, DEFAULT_PRESET, MAX_CRF, MAX_PRESET, MIN_CRF, MIN_PRESET, Quantizer,
-                                 ReferenceDecoder, ReferenceEncoder, quantizers_for_kbps)
+from codec.av1_reference import (CALL_PRESET, DEFAULT_PRESET, FIXED_OFFSETS_BELOW_KBPS, MAX_CRF, MAX_PRESET, MIN_CRF,
+                                 MIN_PRESET, Quantizer, ReferenceDecoder, ReferenceEncoder, quantizers_for_kbps)
 from codec.nn.model import IMFCodec, Reference
 from codec.nn.keyframe_codec import KEYFRAME_STEPS, step_index
 from codec.video_io import to_tensor, to_uint8
@@ -127,6 +127,10 @@ class EncoderSettings:
     # 24.9: as good or better for 10-15% fewer bits. A fixed factor (not falling) left more unspent.
     reference_gain: float = 2.5
     probe_interval: int = PROBE_INTERVAL  # 0: no limit
+    # Show AV1 inter references restored by the model's restoration (format 8), where it has one.
+    # None: below FIXED_OFFSETS_BELOW_KBPS, where the references are SVT-AV1's coarsest; on the 12
+    # validation clips it gained there and lost on CRF mode's finer references (MODEL.md, "Restoration").
+    restore: bool | None = None
 
     def __post_init__(self) -> None:
         check_reference_settings(self)
@@ -439,7 +443,10 @@ class Encoder:
         if settings.keyframe_codec == "av1" and settings.kbps:
             self.rate = RateControl(settings.kbps, fps, frames=frames)
         self.gate = SynthesisGate(settings.probe_interval)
-        self.restore = model.restoration is not None  # it writes format 8
+        # format 8: inter references shown restored, where they are SVT-AV1's coarsest (fixed offsets,
+        # below 5 kbps); finer ones the restoration softens (MODEL.md, "Restoration")
+        self.restore = model.restoration is not None and settings.keyframe_codec == "av1" and (
+            settings.restore if settings.restore is not None else 0 < settings.kbps < FIXED_OFFSETS_BELOW_KBPS)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> EncodedFrame:

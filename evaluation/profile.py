@@ -20,6 +20,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from codec.av1_reference import ReferenceDecoder, ReferenceEncoder
+from codec.files import stream_version
 from codec.nn.model import IMFCodec
 from codec.pipeline import Decoder, Encoder, EncoderSettings
 from codec.video_io import to_tensor
@@ -134,7 +135,7 @@ def profile_coding(model: IMFCodec, frames: np.ndarray, settings: EncoderSetting
         chunks = [encoder.encode(f).chunk for f in x]
     encoder.close()
     r = model.cfg.resolution
-    decoder = Decoder(model, (r, r), settings.bank_size)
+    decoder = Decoder(model, (r, r), settings.bank_size, stream_version(chunks, encoder.restore))
     with labelled(model), profile(activities=[ProfilerActivity.CPU]) as dec_prof:
         for c in chunks:
             decoder.decode(c)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from evaluation.anchors import Anchor, round_trip
+from codec.files import stream_version
 from codec.nn.model import IMFCodec
 from codec.pipeline import Decoder, Encoder, EncoderSettings
 from codec.video_io import to_tensor
@@ -78,7 +79,7 @@ def bench_imfc(model: IMFCodec, frames: np.ndarray, fps: Fraction, threads: int,
     enc_cpu = time.process_time() - cpu
     encoder.close()
     r = model.cfg.resolution
-    decoder, dec = Decoder(model, (r, r), settings.bank_size), []
+    decoder, dec = Decoder(model, (r, r), settings.bank_size, stream_version(chunks, encoder.restore)), []
     cpu = time.process_time()
     for c in chunks:
         start = time.perf_counter()

@@ -44,7 +44,7 @@ from codec.video_io import to_tensor
 from entropy import bitstream
 from entropy import packet as pk
 from entropy.bitstream import (
-    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, SELF_DELIMITING_SINCE, VERSION, Av1ReferencesPayload, ChunkType, Header,
+    KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, MAX_FRAMES, MAX_RUN_FRAMES, RESTORATION_SINCE, SELF_DELIMITING_SINCE, VERSION, Av1ReferencesPayload, ChunkType, Header,
     KeyframePayload, read_file, read_stream, write_stream,
 )
 from tests.conftest import moving_square_clip
@@ -56,35 +56,38 @@ SLOW_SECONDS = 5.0  # a case over this much CPU time counts as a hang in the lon
 
 # -- seeds: real streams and calls of a model ----------------------------------------------------
 def fuzz_model(seed: int = 1) -> IMFCodec:
-    """The tiny preset, untrained, with its coder tables: what the suite fuzzes with."""
+    """The tiny preset, untrained, with its coder tables and a restoration: what the suite fuzzes with."""
     torch.manual_seed(seed)
-    model = build_model(get_config("tiny"))
+    model = build_model(get_config("tiny", restoration=(8, 2)))
     model.build_entropy_tables()
     return model.eval()
 
 
 def seed_streams(model: IMFCodec, frames: int = 10) -> list[bytes]:
     """Real .imfc streams of a drifting square: with and without repeats, keyframe steps 2 and 1,
-    token runs and (unpacked) single token frames, and AV1 references (packed and one a frame, packed
-    with each packet's length as format 6 wrote them, and with every reference's token as format 5)."""
+    token runs and (unpacked) single token frames, and AV1 references (packed and one a frame, shown
+    restored as format 8, packed with each packet's length as format 6 wrote them, and with every
+    reference's token as format 5)."""
     r = model.cfg.resolution
     clip = [to_tensor(f) for f in moving_square_clip(frames, r, seed=3)]
     out = []
     av1 = EncoderSettings(keyframe_codec="av1", reference_interval=3, av1_crf=55)
+    plain = RESTORATION_SINCE - 1  # references shown as decoded
     for settings, packed, version in (
-            (EncoderSettings(quality_floor=0, max_keyframe_interval=4, max_kbps=0), True, VERSION),
+            (EncoderSettings(quality_floor=0, max_keyframe_interval=4, max_kbps=0), True, plain),
             (EncoderSettings(quality_floor=0, max_keyframe_interval=6, max_kbps=0, repeat_keyframe=False,
-                             keyframe_step=1.0, bank_size=3), True, VERSION),
-            (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False, VERSION),
-            (av1, True, VERSION),
+                             keyframe_step=1.0, bank_size=3), True, plain),
+            (EncoderSettings(quality_floor=0, max_keyframe_interval=5, max_kbps=0), False, plain),
+            (av1, True, plain),
+            (replace(av1, restore=True), True, RESTORATION_SINCE),
             (av1, True, SELF_DELIMITING_SINCE - 1),  # packets with their lengths
-            (EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=60), False, VERSION),
+            (EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=60), False, plain),
             (replace(av1, lmbda=0.0), True, LAZY_REFERENCE_TOKENS_SINCE - 1)):  # every reference's token
         encoder = Encoder(model, settings, lazy_reference_tokens=version >= LAZY_REFERENCE_TOKENS_SINCE)
         chunks = [encoder.encode(x).chunk for x in clip]
         encoder.close()
-        header = Header(model.cfg.name, model_id(model), r, r, 25, 1, frames, settings.bank_size, 320, 240, 40, 0, 240,
-                        version=version)
+        header = Header(model.cfg.name, model_id(model, version >= RESTORATION_SINCE), r, r, 25, 1, frames,
+                        settings.bank_size, 320, 240, 40, 0, 240, version=version)
         out.append(write_stream(header, pack_token_runs(model, chunks, header.version) if packed else chunks))
     return out
 

@@ -176,5 +176,5 @@ def test_info_splits_an_av1_stream(capsys, tiny_weights, synthetic_video, tmp_pa
     capsys.readouterr()
     assert info.main([str(path), "--chunks"]) == 0
     out = capsys.readouterr().out
-    assert "format version 8" in out and "AV1 references: " in out and "(1 intra)" in out
+    assert "format version 7" in out and "AV1 references: " in out and "(1 intra)" in out
     assert "AV1_REFERENCES" in out and "12 frames" in out

@@ -23,7 +23,7 @@ from train import restoration as train_restoration
 from tests.conftest import moving_square_clip
 from tests.test_av1_references import model_frames
 
-AV1 = EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=50)
+AV1 = EncoderSettings(keyframe_codec="av1", reference_interval=4, av1_crf=50, restore=True)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,23 @@ def test_older_formats_decode_unrestored_by_a_model_that_gained_a_restoration(ti
     new.write_bytes(write_stream(replace(header, version=RESTORATION_SINCE), pack_token_runs(core, [e.chunk for e in encoded])))
     with pytest.raises(BitstreamError, match="made by another model"):
         read_bitstream(new, gained)
+    with pytest.raises(BitstreamError, match="has no restoration"):  # a format 8 header that lies
+        read_bitstream(new, core)
+
+
+def test_the_encoder_restores_only_its_coarsest_references_and_writes_the_oldest_format_that_holds_them(
+        restoring_weights, tiny_weights, synthetic_video, tmp_path):
+    model, core = load_weights(restoring_weights), load_weights(tiny_weights)
+    at = lambda m, **kw: Encoder(m, EncoderSettings(keyframe_codec="av1", **kw)).restore
+    assert at(model, kbps=3) and not at(model, kbps=8) and not at(model, reference_interval=4)
+    assert at(model, kbps=8, restore=True) and not at(model, kbps=3, restore=False) and not at(core, kbps=3)
+    for settings, version in ((AV1, RESTORATION_SINCE), (replace(AV1, restore=False), RESTORATION_SINCE - 1),
+                              (EncoderSettings(quality_floor=0), 4)):
+        path = tmp_path / f"{version}.imfc"
+        encode_file(synthetic_video, path, model, settings, progress=False)
+        header, _ = read_bitstream(path, model)  # the model id of its format
+        assert header.version == version
+        decode_file(path, tmp_path / f"{version}", model, progress=False)
 
 
 def test_attach_adds_a_trained_restoration_and_keeps_the_models_own_tensors(tiny_weights, tmp_path):
@@ -156,3 +173,12 @@ def test_training_runs_validates_and_resumes(tmp_path):
     train_restoration.main(args + ["--steps", "3", "--loss", "ms-ssim"])
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [0, 1, 2, 3]
+
+
+def test_encode_cli_restores_on_request(restoring_weights, synthetic_video, tmp_path):
+    from tools import encode
+    for choice, version in (("on", RESTORATION_SINCE), ("auto", RESTORATION_SINCE - 1)):  # auto: the default 8 kbps
+        path = tmp_path / f"{choice}.imfc"
+        assert encode.main([str(synthetic_video), "-o", str(path), "--weights", str(restoring_weights), "-q",
+                            "--restore", choice]) == 0
+        assert read_file(path)[0].version == version

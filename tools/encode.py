@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="AV1 references: frames between syntheses made only to learn whether the model beats "
                              "holding (after one that wins, every frame is tried); 0 tries every frame: slower, "
                              "not better on the validation clips (default %(default)s)")
+    parser.add_argument("--restore", choices=("auto", "on", "off"), default="auto",
+                        help="AV1 references: show inter references restored by the model's restoration (format 8); "
+                             "auto: below 5 kbps, where they are coarsest (default %(default)s)")
     parser.add_argument("--bank-size", type=int, default=None,
                         help="reference frames the decoder keeps (default: 1 with AV1 references, 2 with learned keyframes)")
     parser.add_argument("--frames", type=int, default=None, help="encode at most this many frames")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             repeat_keyframe=not args.no_repeat, keyframe_step=args.keyframe_step, keyframe_codec=codec,
             kbps=kbps if codec == "av1" else 0.0, reference_interval=args.reference_interval,
             av1_crf=args.av1_crf, av1_preset=args.av1_preset, intra_interval=args.intra_interval,
-            probe_interval=args.probe_interval)
+            probe_interval=args.probe_interval, restore={"auto": None, "on": True, "off": False}[args.restore])
     except ValueError as e:
         parser.error(str(e))
 
