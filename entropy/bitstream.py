@@ -43,6 +43,7 @@ MAX_RUN_FRAMES = 4096  # frames in one token run or repeat chunk (the encoder sp
 MAX_SIDE = 4096  # coded frame size, and the source crop that `decode --upscale` restores
 MAX_BANK = 8  # references a decoder keeps (a call names at most REF_WINDOW = 8)
 MIN_FPS, MAX_FPS = Fraction(1, 100), Fraction(1000)
+MAX_RATIONAL = 2**31 - 1
 MAX_STREAM_BYTES = 1 << 30  # a whole .imfc file is read into memory: 1 GiB is 9 days at 10 kbps
 
 
@@ -93,6 +94,8 @@ class Header:
             raise bad("coded size", f"{self.width}x{self.height}", f"a square of 1 to {MAX_SIDE}")
         if self.fps_den == 0 or not MIN_FPS <= Fraction(self.fps_num, self.fps_den) <= MAX_FPS:
             raise bad("frame rate", f"{self.fps_num}/{self.fps_den}", f"{float(MIN_FPS)} to {MAX_FPS} fps")
+        if max(self.fps_num, self.fps_den) > MAX_RATIONAL:  # FFmpeg's rationals, which the video writer needs
+            raise bad("frame rate", f"{self.fps_num}/{self.fps_den}", f"numerator and denominator up to {MAX_RATIONAL}")
         if not 1 <= self.bank_size <= MAX_BANK:
             raise bad("bank size", self.bank_size, f"1 to {MAX_BANK}")
         if not (self.source_width >= 1 and self.source_height >= 1):

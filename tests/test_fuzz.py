@@ -62,12 +62,15 @@ def test_bomb_file_through_the_command_line(seeds, tmp_path, capsys):
 @pytest.mark.parametrize("field, value, message", [
     ("width", 128, "coded size"), ("height", 32, "coded size"), ("bank_size", 0, "bank size 0"),
     ("fps_den", 0, "frame rate"), ("crop_size", 60000, "crop size"),
+    ("fps_num", 3_000_000_001, "up to 2147483647"),  # 1 fps, but past FFmpeg's rationals (fuzz, seed 17)
 ])
 def test_lying_headers_with_valid_crcs_are_refused(model, seeds, tmp_path, field, value, message):
     """The header fields that once reached the networks (a size the model does not code made
-    avg_pool2d and conv_transpose2d raise, or allocate without end) are refused cleanly."""
+    avg_pool2d and conv_transpose2d raise, or allocate without end) or the video writer are refused
+    cleanly."""
     parts = fuzz.Parts.of(seeds[0])
-    for f, v in ((field, value),) + ((("height", value),) if field == "width" else ()):
+    for f, v in ((field, value),) + ((("height", value),) if field == "width" else ()) + (
+            (("fps_den", 3_000_000_000),) if field == "fps_num" else ()):
         parts.header = replace(parts.header, **{f: v})
     outcome, _, detail = fuzz.decode_case(parts.to_bytes(), model, tmp_path, DEFAULT_MAX_FRAMES)
     assert outcome == "refused" and message in detail
