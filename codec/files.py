@@ -65,8 +65,7 @@ def encode_file(src: Path, dst: Path, model: IMFCodec, settings: EncoderSettings
 
     def header(frames: int, version: int = VERSION) -> Header:
         return Header(
-            preset=model.cfg.name, model_id=model_id(model, version >= RESTORATION_SINCE), width=r, height=r,
-            fps_num=fps.numerator,
+            preset=model.cfg.name, model_id=model_id(model, version), width=r, height=r, fps_num=fps.numerator,
             fps_den=fps.denominator, frames=frames, bank_size=settings.bank_size, source_width=info.width,
             source_height=info.height, crop_left=max(box.left, 0), crop_top=max(box.top, 0), crop_size=box.size,
             version=version)
@@ -118,7 +117,7 @@ def read_bitstream(path: Path, model: IMFCodec | None = None,
 
 
 def check_model(path: Path, header: Header, model: IMFCodec) -> None:
-    expected = model_id(model, restoration=header.version >= RESTORATION_SINCE)  # older formats never restore
+    expected = model_id(model, header.version)
     if header.model_id != expected or header.preset != model.cfg.name:
         raise BitstreamError(
             f"{path}: made by another model (preset {header.preset!r}, id {header.model_id.hex()}); this model is "

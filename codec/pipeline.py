@@ -469,15 +469,16 @@ class Encoder:
             data, u_hat = self.model.compress_token(u, st.u_prev_hat)
             x_hat = render(self.model, u_hat, st.bank)
             quality = psnr(x_hat, x)
-            repeat = psnr(st.picture, x) if s.repeat_keyframe else -torch.inf
+            repeat = psnr(st.shown, x) if s.repeat_keyframe else -torch.inf
             if max(quality, repeat) >= s.quality_floor or not self.budget.affords_keyframe():
                 st.since_keyframe += 1
                 if repeat > quality:
-                    return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.picture, repeat)
+                    return EncodedFrame(Chunk(ChunkType.REPEAT, RepeatPayload(1).to_bytes()), st.shown, repeat)
                 st.u_prev_hat = u_hat
                 return EncodedFrame(Chunk(ChunkType.FRAME, data), x_hat, quality)
         payload, u_hat, x_hat = encode_keyframe(self.model, x, step_index(s.keyframe_step))
         add_reference(self.model, st, x_hat, u_hat, s.bank_size)
+        st.shown = x_hat  # a learned keyframe is shown as decoded
         return EncodedFrame(Chunk(ChunkType.KEYFRAME, payload.to_bytes()), x_hat, psnr(x_hat, x))
 
     # -- the AV1 reference stream ---------------------------------------------------------------
@@ -661,7 +662,7 @@ def add_reference(model: IMFCodec, state: CodecState, x_hat: Tensor, u_hat: Tens
     state.bank = (state.bank + [model.reference(x_hat, u_hat)])[-bank_size:]
     state.u_prev_hat = u_hat
     state.since_keyframe = 0
-    state.picture = state.shown = x_hat
+    state.picture = x_hat
 
 
 @torch.no_grad()
@@ -729,7 +730,7 @@ class Decoder:
         if chunk.type == ChunkType.KEYFRAME:
             u_hat, x_hat = decode_keyframe(self.model, KeyframePayload.from_bytes(chunk.payload, self.keyframe_steps), self.resolution)
             add_reference(self.model, st, x_hat, u_hat, self.bank_size)
-            st.token_due = False
+            st.shown, st.token_due = x_hat, False
             return x_hat
         if not st.bank and not st.token_due:
             raise BitstreamError("a frame before any keyframe")
@@ -767,9 +768,9 @@ class Decoder:
     def _reference_token(self, x_hat: Tensor, delta: Tensor) -> None:
         """An AV1 reference joins the bank with its token, coded from the last token sent."""
         st = self.state
-        since, shown = st.since_keyframe, st.shown
+        since = st.since_keyframe
         add_reference(self.model, st, x_hat, _chain_start(st, delta) + delta, self.bank_size)
-        st.since_keyframe, st.shown, st.token_due = since, shown, False
+        st.since_keyframe, st.token_due = since, False
 
     def _token_frame(self, deltas: Iterator[Tensor]) -> Tensor:
         """The next token frame, its deltas (d,) from ``deltas``: first its reference's token where due."""

@@ -27,7 +27,7 @@ from codec.av1_reference import DEFAULT_PRESET
 from codec.files import stream_version
 from codec.video_io import VideoError, center_box, crop_resize, probe, read_frames, to_tensor, to_uint8
 from codec.nn.weights import model_id
-from entropy.bitstream import REFERENCE_CHUNKS, RESTORATION_SINCE, Header, write_stream
+from entropy.bitstream import REFERENCE_CHUNKS, Header, write_stream
 from entropy.coding import bits_to_kbps
 
 IMFC = "imfc"
@@ -138,7 +138,7 @@ def code_imfc(model: IMFCodec, clip: Clip, settings: EncoderSettings) -> tuple[i
         encoder.close()
     seconds = time.perf_counter() - start
     version = stream_version([c.chunk for c in coded], encoder.restore)
-    header = Header(preset=model.cfg.name, model_id=model_id(model, version >= RESTORATION_SINCE), width=r, height=r,
+    header = Header(preset=model.cfg.name, model_id=model_id(model, version), width=r, height=r,
                     fps_num=clip.fps.numerator, fps_den=clip.fps.denominator, frames=len(coded),
                     bank_size=settings.bank_size, source_width=r, source_height=r, crop_left=0, crop_top=0, crop_size=r,
                     version=version)

@@ -57,6 +57,23 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def restoring_weights(tmp_path_factory) -> Path:
+    """The tiny model with a restoration that visibly changes a picture (trained ones start as the identity)."""
+    from codec.nn.config import get_config
+    from codec.nn.model import build_model
+    from codec.nn.weights import save_weights
+
+    torch.manual_seed(1)
+    model = build_model(get_config("tiny", restoration=(8, 2)))
+    with torch.no_grad():
+        for p in model.restoration.parameters():
+            p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("weights") / "restoring.safetensors"
+    save_weights(model, path)
+    return path
+
+
 # The streaming tests' model and clip (tests/test_streaming.py, tests/test_streaming_av1.py); a
 # module that defines its own fixture of the same name uses that one.
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def seed_streams(model: IMFCodec, frames: int = 10) -> list[bytes]:
         encoder = Encoder(model, settings, lazy_reference_tokens=version >= LAZY_REFERENCE_TOKENS_SINCE)
         chunks = [encoder.encode(x).chunk for x in clip]
         encoder.close()
-        header = Header(model.cfg.name, model_id(model, version >= RESTORATION_SINCE), r, r, 25, 1, frames,
+        header = Header(model.cfg.name, model_id(model, version), r, r, 25, 1, frames,
                         settings.bank_size, 320, 240, 40, 0, 240, version=version)
         out.append(write_stream(header, pack_token_runs(model, chunks, header.version) if packed else chunks))
     return out

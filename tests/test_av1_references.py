@@ -558,21 +558,26 @@ def test_rate_target_is_kept_on_a_moving_clip(tiny_weights):
     assert sum(e.chunk.type == ChunkType.AV1_REFERENCES for e in encoded) > 1  # it spends, not just holds
 
 
-def test_cross_process_decode_is_bit_exact(tiny_weights, synthetic_video, tmp_path):
-    """Encode here with 2 threads; decode with the CLI in another process with 1 thread."""
+@pytest.mark.parametrize("weights, version", [("tiny_weights", 7), ("restoring_weights", 8)])
+def test_cross_process_decode_is_bit_exact(request, weights, version, synthetic_video, tmp_path):
+    """Encode here with 2 threads; decode with the CLI in another process with 1 thread (format 8:
+    the references shown restored, as the encoder showed them)."""
+    weights = request.getfixturevalue(weights)
+    settings = replace(AV1, restore=True)
     torch.set_num_threads(2)
     try:
-        model = load_weights(tiny_weights)
-        encoder = Encoder(model, AV1)
+        model = load_weights(weights)
+        encoder = Encoder(model, settings)
         recon = [to_uint8(encoder.encode(x).x_hat) for x in model_frames(synthetic_video, model.cfg.resolution)]
         encoder.close()
         stream = tmp_path / "s.imfc"
-        encode_file(synthetic_video, stream, model, AV1, progress=False)
+        encode_file(synthetic_video, stream, model, settings, progress=False)
     finally:
         torch.set_num_threads(1)
+    assert read_bitstream(stream)[0].version == version
     out = tmp_path / "frames"
     r = subprocess.run([sys.executable, "-m", "tools.cli", "decode", str(stream), "-o", str(out), "--weights",
-                        str(tiny_weights), "--threads", "1", "-q"], capture_output=True, text=True,
+                        str(weights), "--threads", "1", "-q"], capture_output=True, text=True,
                        cwd=Path(__file__).parents[1], timeout=600)
     assert r.returncode == 0, r.stderr
     decoded = [np.array(Image.open(p)) for p in sorted(out.glob("*.png"))]

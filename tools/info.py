@@ -11,7 +11,7 @@ from collections import Counter
 from codec.files import read_bitstream
 from codec.nn.keyframe_codec import KEYFRAME_STEPS
 from entropy.bitstream import (KEYFRAME_STEP_SINCE, LAZY_REFERENCE_TOKENS_SINCE, SELF_DELIMITING_SINCE,
-                               Av1ReferencesPayload, BitstreamError, ChunkType, KeyframePayload, has_sequence_header)
+                               Av1ReferencesPayload, ChunkType, KeyframePayload, has_sequence_header)
 from entropy.coding import bits_to_kbps
 from tools.errors import run
 

@@ -68,7 +68,7 @@ class SeededSampler:
         self.rng.bit_generator.state = state
 
 
-def _to_float(frames: np.ndarray) -> Tensor:
+def to_float(frames: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255)
 
 
@@ -139,7 +139,7 @@ class TripletSampler(SeededSampler):
             clip = self.cache.clips[self.rng.choice(len(self.cache), p=self.weights)]
             ref, cur = self.pick(len(clip))
             prev = max(cur - 1, 0)
-            frames = augment(_to_float(clip[[ref, prev, cur]]), self.rng, self.resolution)
+            frames = augment(to_float(clip[[ref, prev, cur]]), self.rng, self.resolution)
             # no draw when off, so runs without it keep their random streams
             if self.camera_motion > 0 and self.rng.random() < self.camera_motion:
                 frames = camera_motion(frames, self.rng)
@@ -159,7 +159,7 @@ class TripletSampler(SeededSampler):
 
 def _first_frame_triplets(cache: ClipCache, resolution: int, currents) -> Tensor:
     """Per clip, reference = first frame and current at each index ``currents(len(clip))`` gives."""
-    return torch.stack([resize(_to_float(clip[[0, max(cur - 1, 0), cur]]), resolution)
+    return torch.stack([resize(to_float(clip[[0, max(cur - 1, 0), cur]]), resolution)
                         for clip in cache.clips for cur in currents(len(clip))], 1)
 
 
@@ -235,8 +235,8 @@ class Av1TripletSampler(SeededSampler):
             clip = self.cache.clips[c]
             pictures = self.refs.pictures[c][self.refs.crfs[int(self.rng.integers(len(self.refs.crfs)))]]
             j, cur = self.pick(self.refs.indices[c], len(clip))
-            refs = _to_float(pictures[[j, max(j - 1, 0)]])
-            frames = augment(torch.cat([refs, _to_float(clip[[cur - 1, cur]])]), self.rng, self.resolution)
+            refs = to_float(pictures[[j, max(j - 1, 0)]])
+            frames = augment(torch.cat([refs, to_float(clip[[cur - 1, cur]])]), self.rng, self.resolution)
             if self.camera_motion > 0 and self.rng.random() < self.camera_motion:
                 frames = camera_motion(frames, self.rng, still=2)
             out.append(frames[[0, 2, 3, 1]])
@@ -274,7 +274,7 @@ def av1_validation_triplets(cache: ClipCache, refs: Av1RefCache, resolution: int
         r = int(indices[j])
         for d in distances:
             cur = max(min(r + d, n - 1), 1)
-            frames = torch.cat([_to_float(pictures[[j]]), _to_float(clip[[cur - 1, cur]]),
-                                _to_float(pictures[[max(j - 1, 0)]])])
+            frames = torch.cat([to_float(pictures[[j]]), to_float(clip[[cur - 1, cur]]),
+                                to_float(pictures[[max(j - 1, 0)]])])
             out.append(resize(frames, resolution))
     return torch.stack(out, 1)

@@ -1,11 +1,11 @@
 """Train the decoder's restoration of AV1 references (codec/nn/restoration.py), then attach it to a model.
 
 A sample is an inter AV1 picture of `train.av1_refs` (any of the folders given, any CRF) and the
-clip's own frame ``d`` frames after it, d from 0 to ``--max-distance``: the picture is shown for
-its own frame and held for the next ones, so the restoration is trained on what it will be shown
-for. The loss is L1, or ``--loss ms-ssim``: 1 - MS-SSIM + 0.1 L1.
+clip's own frame ``d`` frames after it, d from 0 to ``--max-distance`` (0, the shipped restoration's,
+by default: its own frame; further, the frames it is held for, taught it to soften, which cost VMAF,
+MODEL.md "Restoration"). The loss is L1, or ``--loss ms-ssim``: 1 - MS-SSIM + 0.1 L1.
 
-    python -m train.restoration train ~/.cache/imfc/data/faces256 --refs REFS [REFS ...] --out RUN --minutes 60
+    python -m train.restoration train ~/.cache/imfc/data/faces256 --refs REFS [REFS ...] --out RUN --minutes 20
     python -m train.restoration attach RUN codec/weights/default.safetensors   # in place
 
 A run resumes from RUN/checkpoint.pt. ``attach`` adds the restoration to a weights file; the
@@ -27,16 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from codec.nn.restoration import Restoration
-from train.data import Av1RefCache, ClipCache, Split
+from codec.pipeline import to_8bit
+from entropy.bitstream import RESTORATION_SINCE
+from train.data import Av1RefCache, ClipCache, Split, to_float
 from train.losses import msssim, psnr
 
 SPLIT = Path(__file__).with_name("split.json")
 VAL_DISTANCES = (0, 1, 2, 3, 5, 7)
 VAL_PICTURES = 10  # per clip and folder: its pictures 1-10 (inter pictures; the first is intra)
-
-
-def _float(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255)
 
 
 class Samples:
@@ -51,7 +49,7 @@ class Samples:
     def batch(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         pictures = np.stack([self.folders[f].pictures[c][crf][j] for f, crf, c, j, _ in items])
         frames = np.stack([self.cache.clips[c][self.folders[f].indices[c][j] + d] for f, crf, c, j, d in items])
-        return _float(pictures), _float(frames)
+        return to_float(pictures), to_float(frames)
 
 
 def validation_items(samples: Samples) -> list[tuple]:
@@ -66,7 +64,7 @@ def evaluate(net: Restoration | None, samples: Samples, items: list[tuple]) -> d
     for i in range(0, len(items), 16):
         part = items[i:i + 16]
         x, y = samples.batch(part)
-        shown = (net(x) if net is not None else x).clamp(0, 1).mul(255).round().div(255)
+        shown = to_8bit(net(x) if net is not None else x)
         for k, (p, m) in enumerate(zip(psnr(shown, y), msssim(shown, y))):
             rows.append((f"d{part[k][4]}", p.item(), m.item()))
     keys = [f"d{d}" for d in VAL_DISTANCES]
@@ -141,14 +139,14 @@ def attach(args: argparse.Namespace) -> None:
     from codec.nn.model import build_model
 
     model = load_weights(args.weights)
-    core = model_id(model, restoration=False)
+    core = model_id(model, RESTORATION_SINCE - 1)
     path = Path(args.run) / "restoration.safetensors"
     state = load_file(str(path))
     channels, layers = state["head.weight"].shape[0], sum(k.endswith(".weight") for k in state) - 2
     with_restoration = build_model(replace(model.cfg, restoration=(channels, layers)))
     with_restoration.load_state_dict({**model.state_dict(), **{f"restoration.{k}": v for k, v in state.items()}})
     save_weights(with_restoration, Path(args.to or args.weights))
-    if model_id(load_weights(args.to or args.weights), restoration=False) != core:
+    if model_id(load_weights(args.to or args.weights), RESTORATION_SINCE - 1) != core:
         sys.exit("attach: the model's own tensors changed")
     print(f"{args.to or args.weights}: restoration {channels}x{layers} attached (model id without it {core.hex()})")
 
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--split", type=Path, default=SPLIT, help="the clips' train/validation split")
     t.add_argument("--channels", type=int, default=32)
     t.add_argument("--layers", type=int, default=6)
-    t.add_argument("--max-distance", type=int, default=7)
+    t.add_argument("--max-distance", type=int, default=0, help="frames after its picture a target may be")
     t.add_argument("--loss", choices=("l1", "ms-ssim"), default="l1")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=5e-4)

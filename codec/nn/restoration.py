@@ -1,9 +1,10 @@
 """The decoder's restoration of AV1 reference pictures before they are shown.
 
-Below 16 kbps the references are AV1 pictures at SVT-AV1's coarsest quantizer, shown as they are
-and then held for 2-12 frames. A small residual CNN, trained on such pictures against the frames
-they are held for (`train.restoration`), takes some of the coding artifacts out and softens what
-the held frames will have moved, by as much as it learned to expect (MODEL.md, "Restoration").
+Below 5 kbps the references are AV1 pictures at SVT-AV1's coarsest quantizer (qindex 255), each
+shown and then held for 2-12 frames. A small residual CNN, trained on such pictures against their
+own frames (`train.restoration`), takes some of the coding artifacts out before they are shown
+(MODEL.md, "Restoration"). Trained against the frames they are held for, it learned to soften,
+which VMAF penalized.
 
 It runs at half resolution (pixel-unshuffled: 4 RGB phases as 12 channels), once per reference;
 its output is only ever shown, never predicted from, so references stay bit-exact AV1 pictures.

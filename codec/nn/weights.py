@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from codec.nn.config import IMFConfig, config_from_dict
 from codec.nn.model import IMFCodec, build_model
+from entropy.bitstream import RESTORATION_SINCE, VERSION
 
 SHIPPED_DIR = Path(__file__).parents[1] / "weights"  # package data of codec/: one file per shipped model
 DEFAULT_WEIGHTS = SHIPPED_DIR / "default.safetensors"  # the model a plain `imfc encode` uses
@@ -28,13 +29,13 @@ class WeightsError(Exception):
     pass
 
 
-def model_id(model: IMFCodec, restoration: bool = True) -> bytes:
-    """8-byte hash of every tensor of the state dict, in name order; without ``restoration``, of
-    every tensor but the restoration's (the model id of format 7 and older, which never restore:
-    a model that gains a restoration still decodes their streams)."""
+def model_id(model: IMFCodec, version: int = VERSION) -> bytes:
+    """8-byte hash of every tensor of the state dict, in name order, as a stream of format ``version``
+    names its model: before format 8, which restores, without the restoration's tensors, so a model
+    that gains a restoration still decodes older streams."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        if not restoration and name.startswith("restoration."):
+        if version < RESTORATION_SINCE and name.startswith("restoration."):
             continue
         h.update(name.encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
